@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors headers, ranged reads, compatibility checks, the staged output."""

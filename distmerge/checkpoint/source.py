@@ -1,0 +1,193 @@
+"""Model locations: find a model's safetensors shards and read their headers, nothing else.
+
+A model is a folder (local path or any fsspec URL) in the Hugging Face layout: either
+``model.safetensors.index.json`` naming its shards, or one or more ``*.safetensors`` files.
+A path to a single ``.safetensors`` file is a model too. Pickle checkpoints (``.bin``, ``.pt``,
+``.pth``, ``.ckpt``) are refused: loading them runs arbitrary code.
+
+Only headers are read here, by ranged reads (8 bytes, then the JSON), many shards at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from distmerge.checkpoint.header import TensorInfo, header_length, parse_header
+from distmerge.errors import SourceNotFoundError, UnsafeCheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+MAX_INDEX_BYTES = 100 * 1000 * 1000
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A filesystem for ``url`` and the path inside it (a fresh object per call site; never
+    rely on fsspec's global instance cache across processes)."""
+    try:
+        return url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        scheme = url.split("://", 1)[0]
+        raise SourceNotFoundError(
+            f"cannot open {url}: no filesystem for {scheme}:// ({err}); install the fsspec "
+            f"backend for it (s3fs for s3://, gcsfs for gs://)"
+        ) from None
+
+
+def join(url: str, name: str) -> str:
+    return url.rstrip("/") + "/" + name
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelHeaders:
+    """Where every tensor of one model lives: tensor name -> (shard URL, TensorInfo)."""
+
+    url: str
+    shards: tuple[str, ...]
+    tensors: dict[str, tuple[str, TensorInfo]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self.tensors.values())
+
+
+def _refuse_pickle(url: str, names: list[str]) -> None:
+    pickles = sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+    raise UnsafeCheckpointError(
+        f"{url}: holds pickle checkpoint files ({', '.join(pickles[:3])}) and no safetensors; "
+        "pickle files can run arbitrary code when loaded, so distmerge refuses them. Convert "
+        "the model to safetensors first, e.g. with transformers: "
+        "AutoModel.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+    )
+
+
+def _check_shard_name(url: str, name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or "://" in name
+        or "\\" in name
+        or name.startswith("/")
+        or ".." in name.split("/")
+        or not name.endswith(".safetensors")
+    ):
+        raise UnsafeCheckpointError(
+            f"{join(url, INDEX_NAME)}: weight_map names {name!r}, which is not a .safetensors "
+            "file inside the model folder; refusing to read outside it"
+        )
+    return name
+
+
+def _check_inside(folder: str, file_url: str) -> None:
+    """For local models: a shard (or a symlink to it) must resolve inside the model folder."""
+    if not is_local(folder):
+        return
+    root = os.path.realpath(local_path(folder))
+    real = os.path.realpath(local_path(file_url))
+    if os.path.commonpath([root, real]) != root:
+        raise UnsafeCheckpointError(
+            f"{file_url}: resolves to {real}, outside the model folder {root} (a symlink "
+            "escaping the folder); refusing to read it"
+        )
+
+
+def list_shards(url: str) -> tuple[str, ...]:
+    """The shard URLs of the model at ``url``, in a stable order.
+
+    Raises:
+        SourceNotFoundError: no such model, or a shard named by the index is missing.
+        UnsafeCheckpointError: only pickle files, or an index naming files outside the folder.
+    """
+    fs, path = open_fs(url)
+    if url.lower().endswith(PICKLE_SUFFIXES):
+        _refuse_pickle(url, [posixpath.basename(path)])
+    if url.endswith(".safetensors"):
+        if not fs.isfile(path):
+            raise SourceNotFoundError(f"model file not found: {url}")
+        return (url,)
+    if not fs.isdir(path):
+        raise SourceNotFoundError(f"model not found: {url} (no such folder)")
+    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+    if INDEX_NAME in names:
+        index_url = join(url, INDEX_NAME)
+        if fs.size(join(path, INDEX_NAME)) > MAX_INDEX_BYTES:
+            raise UnsafeCheckpointError(f"{index_url}: index file over {MAX_INDEX_BYTES} bytes")
+        try:
+            index = json.loads(fs.cat_file(join(path, INDEX_NAME)))
+            weight_map = index["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise UnsafeCheckpointError(
+                f"{index_url}: not a valid index (expected JSON with a weight_map object)"
+            ) from None
+        files = sorted({_check_shard_name(url, n) for n in weight_map.values()})
+        shards = []
+        for name in files:
+            shard_url = join(url, name)
+            if not fs.isfile(join(path, name)):
+                raise SourceNotFoundError(f"{index_url} names {name}, which is missing")
+            _check_inside(url, shard_url)
+            shards.append(shard_url)
+        return tuple(shards)
+    st = [n for n in names if n.endswith(".safetensors")]
+    if not st:
+        if any(n.lower().endswith(PICKLE_SUFFIXES) for n in names):
+            _refuse_pickle(url, names)
+        raise SourceNotFoundError(f"{url}: no .safetensors files in this folder")
+    for n in st:
+        _check_inside(url, join(url, n))
+    return tuple(join(url, n) for n in st)
+
+
+def read_header(shard_url: str) -> dict[str, TensorInfo]:
+    """Read one shard's header by two ranged reads.
+
+    Raises:
+        SourceNotFoundError, UnsafeCheckpointError
+    """
+    fs, path = open_fs(shard_url)
+    try:
+        size = fs.size(path)
+        prefix = fs.cat_file(path, start=0, end=8)
+        n = header_length(prefix, file_size=size, where=shard_url)
+        raw = fs.cat_file(path, start=8, end=8 + n)
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"shard not found: {shard_url}") from None
+    if len(raw) != n:
+        raise UnsafeCheckpointError(f"{shard_url}: header shorter than its length field")
+    tensors, _ = parse_header(raw, file_size=size, where=shard_url)
+    return tensors
+
+
+def read_model_headers(url: str, *, pool: ThreadPoolExecutor | None = None) -> ModelHeaders:
+    """List the shards of one model and read every header (in parallel when given a pool).
+
+    Raises:
+        SourceNotFoundError, UnsafeCheckpointError: as the model is missing or unsafe; a tensor
+            present in two shards is refused too.
+    """
+    shards = list_shards(url)
+    headers = list(pool.map(read_header, shards)) if pool else [read_header(s) for s in shards]
+    tensors: dict[str, tuple[str, TensorInfo]] = {}
+    for shard, header in zip(shards, headers):
+        for name, info in header.items():
+            if name in tensors:
+                raise UnsafeCheckpointError(
+                    f"{url}: tensor {name!r} appears in both {tensors[name][0]} and {shard}"
+                )
+            tensors[name] = (shard, info)
+    return ModelHeaders(url=url, shards=shards, tensors=tensors)

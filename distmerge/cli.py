@@ -1,0 +1,159 @@
+"""The ``distmerge`` command. No logic lives here: verbs call the library, and known errors
+become one-line messages and exit codes in :func:`main` (a traceback only with ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distmerge.errors import DistmergeError
+
+log = logging.getLogger("distmerge")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pipeline", help="pipeline YAML file")
+    p.add_argument("--workers", type=int, help="number of workers (overrides resources.workers)")
+    p.add_argument("--memory-per-worker", help="e.g. 4GB (overrides resources.memory_per_worker)")
+    p.add_argument("--slice-size", help="fp32 bytes of one model's block per slice, e.g. 64MB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distmerge", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("validate", help="check the pipeline and every header; reads no tensor bytes")
+    _pipeline_args(p)
+
+    p = sub.add_parser("plan", help="print the slices and output layout")
+    _pipeline_args(p)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("run", help="merge and publish")
+    _pipeline_args(p)
+    p.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray (default; embedded local Ray when ray.address is null) or local (in-process)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+    p = sub.add_parser("inspect", help="list the tensors of a checkpoint (headers only)")
+    p.add_argument("path", help="model folder, .safetensors file or URL")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser("demo", help="generate a small Llama-shaped base and experts")
+    p.add_argument("--out", help="folder (default: $DISTMERGE_CACHE/demo or ~/.cache/distmerge/demo)")
+    p.add_argument("--experts", type=int, default=4)
+
+    p = sub.add_parser("bench", help="generate experts of a shape, merge, print medians")
+    from distmerge.bench import add_arguments
+
+    add_arguments(p)
+    return parser
+
+
+def _load(args):
+    from distmerge.config import load_pipeline
+
+    return load_pipeline(args.pipeline, workers=args.workers, memory_per_worker=args.memory_per_worker,
+                         slice_size=args.slice_size, overwrite=args.overwrite or None)
+
+
+def cmd_validate(args) -> int:
+    from distmerge.engine.driver import plan_for, validate
+
+    pipeline = _load(args)
+    v = validate(pipeline)
+    plan = plan_for(pipeline, v)
+    gb = (v.base.nbytes + sum(e.nbytes for e in v.experts)) / 1e9
+    print(f"ok: {pipeline.method.name} over {len(v.experts)} experts, {len(v.base.tensors)} tensors, "
+          f"{gb:.3f} GB to read, {len(plan.slices)} slices into {len(plan.shards)} shard(s)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from distmerge.engine.driver import plan_for, validate
+
+    pipeline = _load(args)
+    plan = plan_for(pipeline, validate(pipeline))
+    if args.format == "json":
+        print(plan.to_json())
+        return 0
+    print(f"{len(plan.shards)} shard(s), {len(plan.slices)} slices, "
+          f"{plan.slice_elements} elements per model per slice at most")
+    for sh in plan.shards:
+        print(f"  {sh.filename}: {sh.size} bytes, {len(sh.tensors)} tensors")
+    print(f"{'slice':>6} {'shard':>5} {'bytes':>12}  pieces")
+    for s in plan.slices:
+        pieces = ", ".join(f"{p.tensor}[{p.row_start}:{p.row_stop}]" for p in s.pieces[:3])
+        more = f" (+{len(s.pieces) - 3})" if len(s.pieces) > 3 else ""
+        print(f"{s.index:>6} {s.shard:>5} {s.nbytes:>12}  {pieces}{more}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from distmerge.engine.driver import run_pipeline
+
+    pipeline = _load(args)
+    summary = run_pipeline(pipeline, executor=args.executor, show_progress=not args.no_progress)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from distmerge.checkpoint.source import read_model_headers
+    from distmerge.config import expand_path
+
+    m = read_model_headers(expand_path(args.path))
+    rows = sorted((n, info.dtype, list(info.shape), info.nbytes, shard.rsplit("/", 1)[-1])
+                  for n, (shard, info) in m.tensors.items())
+    if args.format == "json":
+        print(json.dumps([dict(zip(("name", "dtype", "shape", "bytes", "shard"), r)) for r in rows], indent=1))
+        return 0
+    width = max((len(r[0]) for r in rows), default=4)
+    for name, dtype, shape, nbytes, shard in rows:
+        print(f"{name:<{width}}  {dtype:<5} {str(shape):<16} {nbytes:>12}  {shard}")
+    print(f"{len(rows)} tensors in {len(m.shards)} shard(s), {m.nbytes} bytes")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from distmerge.demo import default_cache, generate
+
+    out = args.out or str(default_cache() / "demo")
+    folders = generate(out, experts=args.experts)
+    print(f"demo models ready: {folders[0]} and {len(folders) - 1} experts beside it")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from distmerge.bench import run_bench
+
+    return run_bench(args)
+
+
+VERBS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect,
+         "demo": cmd_demo, "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return VERBS[args.verb](args)
+    except DistmergeError as err:
+        if args.debug:
+            raise
+        print(f"distmerge: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("distmerge: interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

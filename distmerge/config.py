@@ -1,0 +1,234 @@
+"""The pipeline file: a typed schema that rejects unknown keys and says which key and why.
+
+A pipeline YAML looks like::
+
+    base: path-or-URL
+    experts:
+      - {path: path-or-URL, weight: 1.0}
+    method: {name: ties, density: 0.2, scope: model, scale: 1.0}
+    overrides:
+      - {match: "*.embed_tokens.*", density: 0.5}
+    output: {path: path-or-URL, dtype: bfloat16, shard_size: 2GB, overwrite: false}
+    resources: {workers: 2, gpus_per_worker: 0, memory_per_worker: 2GB}
+    ray: {address: null}
+
+The method block and overrides carry method parameters; their names and types are checked
+against the method's own parameter dataclass by :func:`distmerge.methods.build`, which the
+driver calls before anything is read.
+
+Paths: ``~`` is expanded; a relative local path is taken relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from distmerge.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_size(value: int | str) -> int:
+    """``"2GB"`` → 2_000_000_000, ``"512MiB"`` → 536_870_912, ``1024`` → 1024.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 2GB, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 2GB or 512MiB, got {value!r}")
+    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+    if n <= 0:
+        raise ValueError(f"a size must be positive, got {value!r}")
+    return n
+
+
+def expand_path(path: str) -> str:
+    """Expand ``~`` in local paths; URLs (``scheme://``) are returned unchanged."""
+    if "://" in path:
+        return path
+    return str(Path(path).expanduser())
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    path: str
+    weight: float = 1.0
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return expand_path(v)
+
+
+class MethodSpec(BaseModel):
+    """``name`` plus the method's parameters, checked later against the method's dataclass."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Override(BaseModel):
+    """``match`` (a glob on tensor names) plus method parameters for the matching tensors."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    match: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Output(_Strict):
+    path: str
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int = Field(default=2 * 10**9)
+    overwrite: bool = False
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return expand_path(v)
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+class Resources(_Strict):
+    workers: int = Field(default=2, ge=1, le=100_000)
+    gpus_per_worker: float = Field(default=0, ge=0)
+    memory_per_worker: int = Field(default=2 * 10**9)
+    slice_size: int | None = None
+
+    @field_validator("memory_per_worker", mode="before")
+    @classmethod
+    def _mem(cls, v: Any) -> int:
+        return parse_size(v)
+
+    @field_validator("slice_size", mode="before")
+    @classmethod
+    def _slice(cls, v: Any) -> int | None:
+        return None if v is None else parse_size(v)
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+
+
+class Pipeline(_Strict):
+    name: str = "merge"
+    base: str
+    experts: list[ModelRef] = Field(min_length=2)
+    method: MethodSpec
+    overrides: list[Override] = Field(default_factory=list)
+    output: Output
+    resources: Resources = Field(default_factory=Resources)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return expand_path(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
+            raise ValueError("use 1-63 letters, digits, '.', '_' or '-'")
+        return v
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_pipeline(data: Any, source: str = "pipeline") -> Pipeline:
+    """Validate an already-parsed mapping.
+
+    Raises:
+        ConfigError: with one line per problem, each naming the key's path.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Pipeline.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_pipeline(path: str | os.PathLike, **cli_overrides: Any) -> Pipeline:
+    """Read a pipeline YAML and apply CLI overrides (``workers``, ``memory_per_worker``,
+    ``slice_size``, ``overwrite``; ``None`` means not given).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or does not match the schema.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"pipeline file not found: {p}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        data = _apply_cli(data, cli_overrides)
+    return parse_pipeline(data, source=str(p))
+
+
+def _apply_cli(data: dict, cli: dict[str, Any]) -> dict:
+    data = dict(data)
+    res = dict(data.get("resources") or {})
+    out = dict(data.get("output") or {})
+    for key in ("workers", "memory_per_worker", "slice_size"):
+        if cli.get(key) is not None:
+            res[key] = cli[key]
+    if cli.get("overwrite"):
+        out["overwrite"] = True
+    if res:
+        data["resources"] = res
+    if out:
+        data["output"] = out
+    unknown = set(cli) - {"workers", "memory_per_worker", "slice_size", "overwrite"}
+    if unknown:
+        raise ConfigError(f"unknown override(s): {sorted(unknown)}")
+    return data

@@ -1,0 +1,142 @@
+"""Two ways to run slice tasks behind one interface: in this process, or on Ray actors.
+
+``executor.run(tasks, ctx, on_report)`` runs every task (any order), calls ``on_report`` on the
+driver for each finished one, and raises the first error the retry policy gives up on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any, Callable, Protocol
+
+from distmerge.engine.retry import RetryPolicy
+from distmerge.engine.worker import Job, Report, SliceWorker, Task
+
+log = logging.getLogger(__name__)
+
+OnReport = Callable[[Task, Report], None]
+
+
+class Executor(Protocol):
+    workers: int
+
+    def start(self, job: Job) -> None: ...
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs slices one after another in this process (tests, debugging, a single machine)."""
+
+    workers = 1
+
+    def __init__(self, *, device: str | None = None):
+        self.device = device
+        self.worker: SliceWorker | None = None
+
+    def start(self, job: Job) -> None:
+        self.worker = SliceWorker(job, device=self.device, worker_id="local")
+
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None:
+        assert self.worker is not None, "start() first"
+        for task in tasks:
+            on_report(task, self.worker.process(task, ctx))
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+class RayExecutor:
+    """Slices on ``workers`` Ray actors, each with ``gpus_per_worker`` GPUs and a memory
+    reservation; at most ``in_flight`` tasks queued per actor; a failed task goes to another
+    actor (a dead actor is replaced) as the retry policy decides."""
+
+    def __init__(self, *, workers: int, gpus_per_worker: float = 0, memory_per_worker: int = 0,
+                 in_flight: int = 2, policy: RetryPolicy = RetryPolicy()):
+        self.workers = workers
+        self.gpus = gpus_per_worker
+        self.memory = memory_per_worker
+        self.in_flight = in_flight
+        self.policy = policy
+        self.actors: list[Any] = []
+        self._job_ref = None
+
+    def _new_actor(self, i: int):
+        import ray
+
+        from distmerge.engine.actor import SliceActor
+
+        opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": self.gpus, "max_restarts": 0,
+                                "name": None}
+        if self.memory:
+            opts["memory"] = self.memory
+        return ray.remote(SliceActor).options(**opts).remote(self._job_ref, f"worker{i}")
+
+    def start(self, job: Job) -> None:
+        import ray
+
+        self._job_ref = ray.put(job)
+        self.actors = [self._new_actor(i) for i in range(self.workers)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        ctx_ref = ray.put(ctx)
+        queue: deque[tuple[Task, int, int]] = deque((t, 0, -1) for t in tasks)  # task, attempts, avoid
+        running: dict[Any, tuple[Task, int, int]] = {}
+        load = [0] * len(self.actors)
+        next_actor = 0
+
+        def pick(avoid: int) -> int:
+            nonlocal next_actor
+            order = [(next_actor + k) % len(self.actors) for k in range(len(self.actors))]
+            free = [i for i in order if load[i] < self.in_flight]
+            choice = next((i for i in free if i != avoid), free[0] if free else -1)
+            next_actor = (choice + 1) % len(self.actors)
+            return choice
+
+        while queue or running:
+            while queue:
+                task, attempts, avoid = queue[0]
+                i = pick(avoid)
+                if i < 0:
+                    break
+                queue.popleft()
+                ref = self.actors[i].process.remote(task, ctx_ref)
+                running[ref] = (task, attempts, i)
+                load[i] += 1
+            done, _ = ray.wait(list(running), num_returns=1)
+            ref = done[0]
+            task, attempts, i = running.pop(ref)
+            load[i] -= 1
+            try:
+                report = ray.get(ref)
+            except (RayTaskError, RayActorError) as err:
+                cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+                if isinstance(err, RayActorError):
+                    log.warning("worker%d died; starting a replacement", i)
+                    self.actors[i] = self._new_actor(i)
+                decision = self.policy.decide(cause, attempts + 1)
+                if not decision.retry:
+                    for r in running:
+                        ray.cancel(r)
+                    raise cause from None
+                log.warning("slice %d: %s", task.slice.index, decision.reason)
+                queue.append((task, attempts + 1, i))
+                continue
+            on_report(task, report)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+        self.actors = []

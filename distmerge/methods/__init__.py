@@ -1,0 +1,105 @@
+"""Merge methods: one file each, registered by name in one explicit, sorted table.
+
+:func:`build` turns the pipeline's ``method`` block (and each override) into a method instance,
+checking every parameter's name, type and value, so a misspelt key never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import typing
+from typing import Any
+
+from distmerge.errors import ConfigError
+from distmerge.methods.base import Block, Method
+from distmerge.methods.linear import Linear
+from distmerge.methods.task_arithmetic import TaskArithmetic
+from distmerge.methods.ties import Ties
+
+REGISTRY: dict[str, type[Method]] = {
+    "linear": Linear,
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+}
+
+__all__ = ["Block", "Method", "REGISTRY", "build", "MethodSet"]
+
+
+def _coerce(cls: type[Method], key: str, value: Any, where: str) -> Any:
+    hint = typing.get_type_hints(cls)[key]
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint):
+            choices = " | ".join(map(str, typing.get_args(hint)))
+            raise ConfigError(f"{where}.{key}: must be one of {choices}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}: must be true or false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}.{key}: must be a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}.{key}: must be an integer, got {value!r}")
+        return value
+    return value
+
+
+def _make(cls: type[Method], params: dict[str, Any], where: str, base: Method | None = None) -> Method:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in params:
+        if key not in fields:
+            known = ", ".join(sorted(fields)) or "none"
+            raise ConfigError(f"{where}.{key}: unknown parameter of {cls.name} (known: {known})")
+    values = {k: _coerce(cls, k, v, where) for k, v in params.items()}
+    method = dataclasses.replace(base, **values) if base is not None else cls(**values)
+    try:
+        method.check()
+    except ValueError as err:
+        raise ConfigError(f"{where}.{err}") from None
+    return method
+
+
+class MethodSet:
+    """The pipeline's method and its overrides: which method instance merges which tensor
+    (first matching override wins)."""
+
+    def __init__(self, default: Method, overrides: list[tuple[str, Method]]):
+        self.default = default
+        self.overrides = overrides
+
+    def for_tensor(self, name: str) -> Method:
+        for pattern, method in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                return method
+        return self.default
+
+    def all(self) -> list[Method]:
+        return [self.default] + [m for _, m in self.overrides]
+
+    @property
+    def rounds(self) -> int:
+        return max(m.rounds for m in self.all())
+
+
+def build(name: str, params: dict[str, Any],
+          overrides: list[tuple[str, dict[str, Any]]] = ()) -> MethodSet:
+    """The method named ``name`` with ``params``, and one instance per override.
+
+    Raises:
+        ConfigError: unknown method or parameter, wrong type or impossible value (the message
+            names the key, e.g. ``method.density`` or ``overrides[0].density``).
+    """
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    default = _make(cls, params, "method")
+    resolved = [
+        (pattern, _make(cls, p, f"overrides[{i}]", base=default))
+        for i, (pattern, p) in enumerate(overrides)
+    ]
+    return MethodSet(default, resolved)

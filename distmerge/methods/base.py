@@ -1,0 +1,88 @@
+"""What every merge method is: parameters, statistics rounds, and a pure merge of one block.
+
+The protocol (stats → reduce → merge), which the engine runs for every method:
+
+1. For ``round in range(method.rounds)``: every slice worker calls ``method.stats(round, block,
+   ctx)`` on each block and returns the partials (numpy arrays keyed by name); the driver sums
+   them over all slices (:class:`distmerge.reduce.StatsAccumulator`: integers exactly, floats in
+   fp64 in slice order) and calls ``method.reduce(round, totals, ctx)``, which returns the
+   context for the next round.
+2. ``method.merge(block, ctx)`` returns the merged fp32 block.
+
+``ctx`` is a small picklable dict built only by ``reduce``; a method that needs no statistics
+(locality E) has ``rounds == 0`` and sees an empty ctx. Statistics are keyed by ``group``: one
+group per tensor for per-tensor methods, one for the whole model for model-wide ones. With
+overrides, tensors whose parameters differ fall in different groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    """Rows ``[row_start, row_start + rows)`` of one tensor, for the base and every expert."""
+
+    name: str                 # tensor name
+    base: torch.Tensor        # [rows, cols] fp32 (a 1-D tensor is one row)
+    experts: torch.Tensor     # [T, rows, cols] fp32
+    weights: tuple[float, ...]  # [T]
+    row_start: int
+
+    @property
+    def n_experts(self) -> int:
+        return self.experts.shape[0]
+
+
+Partial = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    """Base class: subclasses are frozen keyword-only dataclasses of their parameters."""
+
+    name: ClassVar[str]
+
+    @property
+    def rounds(self) -> int:
+        """How many statistics rounds run before the merge pass (0 for locality E)."""
+        return 0
+
+    def check(self) -> None:
+        """Raise ValueError("param: reason") for an impossible parameter value."""
+
+    def group(self, tensor: str) -> str:
+        """The statistics group of ``tensor`` (see the module docstring)."""
+        return tensor
+
+    def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
+        raise NotImplementedError
+
+    def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def weighted_sum(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """Σ_t w_t x_t, accumulated elementwise in expert order (the same bytes whatever the
+    block's shape or device).  x: [T, rows, cols] → [rows, cols]"""
+    acc = x[0] * weights[0]
+    for t in range(1, x.shape[0]):
+        acc += x[t] * weights[t]
+    return acc
+
+
+def task_vectors(block: Block) -> torch.Tensor:
+    """τ_t = θ_t − θ₀.  [T, rows, cols]"""
+    return block.experts - block.base.unsqueeze(0)

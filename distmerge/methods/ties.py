@@ -1,0 +1,131 @@
+"""TIES-Merging ("Resolving Interference When Merging Models", Yadav et al., NeurIPS 2023).
+
+trim → elect → disjoint mean, then θ₀ + λ τ_m, exactly as ../shared/METHODS.md "TIES exactly":
+
+- ``scope: model`` (the authors' code): each expert's trim threshold is the (n − m)-th smallest
+  |τ_t| over the whole model, m = int(density · n) (every entry kept when m = n); where the
+  weighted sum of trimmed vectors is exactly 0, the elected sign is the sign of the model-wide
+  sum of elected signs (+1 when that is 0).
+- ``scope: tensor`` (mergekit): the threshold is the max(1, m)-th largest |τ_t| of the tensor;
+  a zero elected sum elects +1.
+
+Entries at the threshold are all kept. Thresholds are exact, found by a two-round radix
+select over slices (:mod:`distmerge.reduce`); ``scope: model`` adds a third round for the
+model-wide sign sum. Tensors whose parameters an override changes form their own model-wide
+group (their own thresholds and sign sum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from distmerge.methods.base import Block, Method, Partial, task_vectors, weighted_sum
+from distmerge.reduce import abs_bits, bits_to_float, histogram16, select_bucket
+
+ROUND_HIGH, ROUND_LOW, ROUND_SIGN = 0, 1, 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ties(Method):
+    name = "ties"
+    density: float = 0.2
+    scope: Literal["model", "tensor"] = "model"
+    scale: float = 1.0
+
+    def check(self) -> None:
+        if not 0.0 <= self.density <= 1.0:
+            raise ValueError("density: must be between 0 and 1")
+        if self.scope not in ("model", "tensor"):
+            raise ValueError("scope: must be 'model' or 'tensor'")
+
+    @property
+    def rounds(self) -> int:
+        return 3 if self.scope == "model" else 2
+
+    def group(self, tensor: str) -> str:
+        if self.scope == "tensor":
+            return tensor
+        return f"model(density={self.density!r},scale={self.scale!r})"
+
+    # -- trim threshold: ranks, then a two-round radix select ----------------------------
+    def _rank(self, n: int) -> int:
+        """The 1-indexed rank (k-th smallest) of the threshold among n entries; 0 = keep all."""
+        m = int(self.density * n)
+        if self.scope == "model":
+            return 0 if m == n else n - m
+        return 0 if n == 0 else n - max(1, m) + 1
+
+    def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
+        g = self.group(block.name)
+        tau = task_vectors(block)                                   # [T, rows, cols]
+        if round == ROUND_HIGH:
+            bits = abs_bits(tau)
+            return {f"{g}/high": np.stack([histogram16(b >> 16) for b in bits])}
+        c = ctx[g]
+        if round == ROUND_LOW:
+            bits = abs_bits(tau)
+            hists = []
+            for t, b in enumerate(bits):
+                if c["bucket"][t] < 0:
+                    hists.append(np.zeros(1 << 16, dtype=np.int64))
+                else:
+                    inside = b[(b >> 16) == c["bucket"][t]]
+                    hists.append(histogram16(inside & 0xFFFF))
+            return {f"{g}/low": np.stack(hists)}
+        if round == ROUND_SIGN:
+            _, elected = self._trim_elect(block, tau, c)
+            return {f"{g}/signs": np.array([int(torch.sign(elected).sum())], dtype=np.int64)}
+        raise ValueError(f"ties has no statistics round {round}")
+
+    def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
+        ctx = dict(ctx)
+        for key, arr in totals.items():
+            g, kind = key.rsplit("/", 1)
+            if round == ROUND_HIGH and kind == "high":
+                buckets, ranks = [], []
+                for hist in arr:                                    # one expert at a time
+                    k = self._rank(int(hist.sum()))
+                    b, r = select_bucket(hist, k) if k else (-1, 0)
+                    buckets.append(b)
+                    ranks.append(r)
+                ctx[g] = {"bucket": buckets, "rank": ranks}
+            elif round == ROUND_LOW and kind == "low":
+                c = dict(ctx[g])
+                thr = []
+                for t, hist in enumerate(arr):
+                    if c["bucket"][t] < 0:
+                        thr.append(0.0)                             # keep every entry
+                    else:
+                        low, _ = select_bucket(hist, c["rank"][t])
+                        thr.append(bits_to_float((c["bucket"][t] << 16) | low))
+                c["threshold"] = thr
+                c["majority"] = 1.0
+                ctx[g] = c
+            elif round == ROUND_SIGN and kind == "signs":
+                ctx[g] = {**ctx[g], "majority": -1.0 if int(arr[0]) < 0 else 1.0}
+        return ctx
+
+    # -- merge ----------------------------------------------------------------------------
+    def _trim_elect(self, block: Block, tau: torch.Tensor, c: dict[str, Any]):
+        thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device)
+        trimmed = torch.where(tau.abs() >= thr.view(-1, 1, 1), tau, 0.0)   # [T, rows, cols]
+        elected = torch.sign(weighted_sum(trimmed, block.weights))  # [rows, cols]
+        return trimmed, elected
+
+    def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
+        c = ctx[self.group(block.name)]
+        tau = task_vectors(block)
+        trimmed, elected = self._trim_elect(block, tau, c)
+        elected[elected == 0] = c["majority"]
+        num = torch.zeros_like(block.base)
+        den = torch.zeros_like(block.base)
+        for t in range(trimmed.shape[0]):
+            agree = (trimmed[t] != 0) & (torch.sign(trimmed[t]) == elected)
+            num += torch.where(agree, trimmed[t] * block.weights[t], 0.0)
+            den += agree * block.weights[t]
+        merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        return block.base + merged * self.scale
