@@ -1,2 +1,467 @@
-"""placeholder replaced below"""
-def add_arguments(p): pass
+"""``distmerge bench``: time merges of generated experts against the cost of reading them.
+
+The bench generates (once; reused afterwards) a Llama-shaped bf16 base and N experts of a given
+shape under a cache folder, then for each method merges them ``--runs`` times and reports the
+medians next to the *read bound*: the time to read every input byte once with plain sequential
+``readinto`` into a reused buffer. Both are measured with a warm page cache (the inputs are
+read once, untimed, before anything is timed; caches are never dropped), because that is how
+the merge itself reads them here.
+
+Ray, when used, is started once for the whole bench, so no run pays Ray's start-up; its cost
+is reported separately. Each run writes to a fresh temporary folder beside the cache folder
+and deletes it afterwards.
+
+``--compare mergekit`` times ``mergekit-yaml`` on the same inputs with an equivalent config,
+when the ``mergekit`` package is installed.
+
+Library functions return data; only :func:`run_bench` (the CLI verb) prints, and what it
+prints is :func:`render`'s text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from distmerge.config import parse_size
+from distmerge.demo import Shape, default_cache
+from distmerge.errors import ConfigError
+
+log = logging.getLogger("distmerge")
+
+#: The method blocks a bench merges with, by name (any other registered method: defaults).
+METHOD_SPECS: dict[str, dict[str, Any]] = {
+    "task_arithmetic": {"name": "task_arithmetic"},
+    "ties": {"name": "ties", "density": 0.2, "scope": "model"},
+    "linear": {"name": "linear"},
+}
+
+READ_BUFFER = 16 * 2**20
+DTYPE = "bfloat16"
+
+
+# -- arguments ---------------------------------------------------------------------------------
+def _size(text: str) -> int:
+    return parse_size(text)
+
+
+_size.__name__ = "size"     # argparse names the type in its error message
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="cache folder for the generated models "
+                                 "(default: <cache>/bench/<shape-key>)")
+    p.add_argument("--experts", type=int, default=8, help="number of experts (default 8)")
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=16)
+    p.add_argument("--shard-size", type=_size, default=parse_size("2GB"),
+                   help="shard size of the generated inputs and of the output (default 2GB)")
+    p.add_argument("--methods", default="task_arithmetic,ties",
+                   help="comma list (default task_arithmetic,ties; ties is scope model, density 0.2)")
+    p.add_argument("--runs", type=int, default=3, help="merges per method; medians are reported")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--memory-per-worker", type=_size, default=parse_size("4GB"))
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--compare", choices=["mergekit"],
+                   help="also time mergekit-yaml on the same inputs (if installed)")
+
+
+def shape_from_args(args: argparse.Namespace) -> Shape:
+    return Shape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+                 vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads, dtype=DTYPE,
+                 shard_size=args.shard_size)
+
+
+def shape_key(shape: Shape, experts: int) -> str:
+    return (f"e{experts}-h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}"
+            f"-a{shape.heads}-kv{shape.kv_heads}-{shape.dtype}-s{shape.shard_size}")
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    from distmerge.methods import REGISTRY
+
+    problems = []
+    for flag in ("experts", "hidden", "layers", "intermediate", "vocab", "heads", "kv_heads",
+                 "runs", "workers"):
+        if getattr(args, flag) < 1:
+            problems.append(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.experts < 2:
+        problems.append("--experts must be at least 2 (a pipeline merges two or more experts)")
+    if args.heads >= 1 and args.hidden % args.heads:
+        problems.append("--hidden must be a multiple of --heads")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        problems.append("--methods names no method")
+    for m in methods:
+        if m not in REGISTRY:
+            problems.append(f"--methods: unknown method {m!r} (known: {', '.join(sorted(REGISTRY))})")
+    if problems:
+        raise ConfigError("bench: " + "; ".join(problems))
+    return methods
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def generate_inputs(out: Path, experts: int, shape: Shape) -> list[Path]:
+    """Generate (or reuse) the models in a separate process, so that generating them does not
+    raise this process's peak RSS, which the local executor reports as its worker's peak."""
+    ctx = multiprocessing.get_context("spawn")
+    from distmerge.demo import generate
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(generate, out, experts=experts, shape=shape).result()
+
+
+def input_files(folders: list[Path]) -> list[str]:
+    """Every shard file of every model, as the merge reads them."""
+    from distmerge.checkpoint.source import read_model_headers
+
+    files: list[str] = []
+    for f in folders:
+        files.extend(read_model_headers(str(f)).shards)
+    return files
+
+
+def input_tensor_bytes(folders: list[Path]) -> int:
+    """Tensor bytes of base + experts: what one pass of the merge reads."""
+    from distmerge.checkpoint.source import read_model_headers
+
+    return sum(read_model_headers(str(f)).nbytes for f in folders)
+
+
+def read_all(files: list[str], buf: bytearray) -> int:
+    """Read every byte of ``files`` sequentially into ``buf`` (reused); returns bytes read."""
+    view = memoryview(buf)
+    total = 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def read_bound(files: list[str], runs: int) -> dict[str, Any]:
+    buf = bytearray(READ_BUFFER)
+    read_all(files, buf)                          # untimed: warm the page cache
+    seconds = []
+    nbytes = 0
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        nbytes = read_all(files, buf)
+        seconds.append(time.perf_counter() - t0)
+    return {"bytes": nbytes, "files": len(files), "seconds": seconds,
+            **_spread(seconds), "gbps": nbytes / 1e9 / statistics.median(seconds)}
+
+
+# -- merges ------------------------------------------------------------------------------------
+def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.Namespace):
+    from distmerge.config import parse_pipeline
+
+    return parse_pipeline({
+        "name": f"bench-{method}".replace("_", "-"),
+        "base": str(folders[0]),
+        "experts": [{"path": str(f), "weight": 1.0} for f in folders[1:]],
+        "method": dict(METHOD_SPECS.get(method, {"name": method})),
+        "output": {"path": str(dest), "dtype": DTYPE, "shard_size": args.shard_size,
+                   "overwrite": True},
+        "resources": {"workers": args.workers, "memory_per_worker": args.memory_per_worker},
+    }, source=f"bench pipeline ({method})")
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _median_of(dicts: list[dict[str, float]], key: str) -> float:
+    return statistics.median(d.get(key, 0.0) for d in dicts)
+
+
+def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: str,
+                args: argparse.Namespace, input_bytes: int) -> dict[str, Any]:
+    from distmerge.engine.driver import run_pipeline
+
+    runs = []
+    for i in range(args.runs):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.bench-{method}-", dir=scratch_dir))
+        try:
+            pipeline = build_pipeline(method, folders, tmp / "merged", args)
+            t0 = time.perf_counter()
+            summary = run_pipeline(pipeline, executor=args.executor, show_progress=False)
+            wall = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        runs.append({
+            "wall_seconds": wall, "summary_seconds": summary.seconds, "passes": summary.passes,
+            "bytes_read": summary.bytes_read, "bytes_written": summary.bytes_written,
+            "stage_seconds": summary.stage_seconds, "worker_seconds": summary.worker_seconds,
+            "worker_peak_rss": summary.worker_peak_rss,
+            "memory_per_worker": summary.memory_per_worker,
+            "slices": summary.slices, "shards": summary.shards, "tensors": summary.tensors,
+        })
+        log.info("bench: %s run %d/%d: %.2f s", method, i + 1, args.runs, wall)
+    walls = [r["wall_seconds"] for r in runs]
+    wall = statistics.median(walls)
+    last = runs[-1]
+    return {
+        "method": method,
+        "spec": METHOD_SPECS.get(method, {"name": method}),
+        "passes": last["passes"],
+        "slices": last["slices"],
+        "wall_seconds": _spread(walls),
+        "bytes_read": last["bytes_read"],
+        "bytes_read_per_run": [r["bytes_read"] for r in runs],
+        "bytes_written": last["bytes_written"],
+        "input_gbps": input_bytes / 1e9 / wall,
+        "read_gbps_all_passes": last["bytes_read"] / 1e9 / wall,
+        "peak_worker_rss": max(max(r["worker_peak_rss"].values(), default=0) for r in runs),
+        "memory_per_worker": last["memory_per_worker"],
+        "stage_seconds": {k: _median_of([r["stage_seconds"] for r in runs], k)
+                          for k in ("validate", "plan", "stats", "merge", "gather", "publish")},
+        "worker_seconds": {k: _median_of([r["worker_seconds"] for r in runs], k)
+                           for k in ("read", "compute", "write")},
+        "runs": runs,
+    }
+
+
+# -- mergekit ----------------------------------------------------------------------------------
+MERGEKIT_INSTALL = "pip install mergekit"
+
+
+def mergekit_available() -> bool:
+    return importlib.util.find_spec("mergekit") is not None
+
+
+def mergekit_config(method: str, folders: list[Path]) -> dict[str, Any] | None:
+    """The mergekit config closest to the bench's pipeline for ``method`` (fp32 arithmetic,
+    bf16 output, weight 1 each), or None where mergekit has no equivalent."""
+    base, experts = str(folders[0]), [str(f) for f in folders[1:]]
+    spec = METHOD_SPECS.get(method, {})
+    if method == "task_arithmetic":
+        models = [{"model": e, "parameters": {"weight": 1.0}} for e in experts]
+        params: dict[str, Any] = {"normalize": False}
+    elif method == "ties":
+        density = spec.get("density", 0.2)
+        models = [{"model": e, "parameters": {"weight": 1.0, "density": density}} for e in experts]
+        params = {"normalize": True}
+    elif method == "linear":
+        return {"merge_method": "linear", "dtype": "float32", "out_dtype": DTYPE,
+                "models": [{"model": e, "parameters": {"weight": 1.0}} for e in experts],
+                "parameters": {"normalize": True}}
+    else:
+        return None
+    return {"merge_method": method, "base_model": base, "models": models, "parameters": params,
+            "dtype": "float32", "out_dtype": DTYPE}
+
+
+def mergekit_note(method: str) -> str:
+    if method == "ties":
+        return "mergekit trims per tensor (distmerge: scope model)"
+    return ""
+
+
+def _mergekit_command() -> list[str]:
+    exe = shutil.which("mergekit-yaml")
+    return [exe] if exe else [sys.executable, "-m", "mergekit.scripts.run_yaml"]
+
+
+def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name: str,
+                  args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    config = mergekit_config(method, folders)
+    if config is None:
+        return {"error": f"no mergekit equivalent of {method}"}
+    params_per_shard = max(1, args.shard_size // 2)          # bf16: 2 bytes a parameter
+    seconds = []
+    for _ in range(args.runs):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.mergekit-{method}-", dir=scratch_dir))
+        try:
+            cfg = tmp / "mergekit.yaml"
+            cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+            cmd = [*_mergekit_command(), str(cfg), str(tmp / "merged"),
+                   "--out-shard-size", str(params_per_shard), "--no-cuda", "--no-copy-tokenizer"]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": f"mergekit-yaml exited {proc.returncode}: "
+                             f"{tail[-1] if tail else 'no output'}", "config": config}
+        seconds.append(wall)
+        log.info("bench: mergekit %s: %.2f s", method, wall)
+    return {"wall_seconds": _spread(seconds), "seconds": seconds, "config": config,
+            "command": " ".join(_mergekit_command()) + " CONFIG OUT --out-shard-size "
+                       f"{params_per_shard} --no-cuda --no-copy-tokenizer",
+            "note": mergekit_note(method)}
+
+
+# -- the whole bench ---------------------------------------------------------------------------
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Generate or reuse the inputs, measure the read bound, time every method (and mergekit
+    when asked); returns every figure as a JSON-able dict. Prints nothing."""
+    methods = _check_args(args)
+    shape = shape_from_args(args)
+    out = Path(args.out).expanduser() if args.out else default_cache() / "bench" / shape_key(shape, args.experts)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    folders = generate_inputs(out, args.experts, shape)
+    prepare_seconds = time.perf_counter() - t0
+    files = input_files(folders)
+    input_bytes = input_tensor_bytes(folders)
+
+    results: dict[str, Any] = {
+        "shape": {**asdict(shape), "experts": args.experts, "params_per_model": shape.params()},
+        "inputs": {"folder": str(out), "files": len(files), "file_bytes": sum(os.path.getsize(f) for f in files),
+                   "tensor_bytes": input_bytes, "prepare_seconds": prepare_seconds},
+        "executor": args.executor, "workers": args.workers if args.executor == "ray" else 1,
+        "memory_per_worker": args.memory_per_worker, "runs": args.runs,
+        "read_bound": read_bound(files, args.runs),
+        "ray": None, "methods": [], "compare": None,
+    }
+
+    started = False
+    try:
+        if args.executor == "ray":
+            from distmerge.engine.driver import ensure_ray
+
+            t0 = time.perf_counter()
+            started = ensure_ray(None, args.workers)
+            results["ray"] = {"started_by_bench": started,
+                              "startup_seconds": time.perf_counter() - t0 if started else 0.0}
+        for m in methods:
+            results["methods"].append(time_merges(m, folders, out.parent, out.name, args, input_bytes))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    if args.compare == "mergekit":
+        if not mergekit_available():
+            results["compare"] = {"tool": "mergekit", "installed": False,
+                                  "install": MERGEKIT_INSTALL}
+        else:
+            per_method = {m: time_mergekit(m, folders, out.parent, out.name, args) for m in methods}
+            results["compare"] = {"tool": "mergekit", "installed": True, "methods": per_method}
+    return results
+
+
+# -- the report --------------------------------------------------------------------------------
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def render(results: dict[str, Any]) -> str:
+    """The bench report as text."""
+    s, inp, rb = results["shape"], results["inputs"], results["read_bound"]
+    lines = [
+        f"distmerge bench: base + {s['experts']} experts, {s['params_per_model'] / 1e6:.1f}M params "
+        f"each ({s['dtype']}; hidden {s['hidden']}, layers {s['layers']}, intermediate "
+        f"{s['intermediate']}, vocab {s['vocab']}, heads {s['heads']}/{s['kv_heads']} kv)",
+        f"inputs: {inp['folder']} ({inp['files']} shard file(s), {_gb(inp['file_bytes'])} GB on disk, "
+        f"{_gb(inp['tensor_bytes'])} GB of tensors per pass; ready in {inp['prepare_seconds']:.1f} s)",
+        f"executor: {results['executor']}, {results['workers']} worker(s), "
+        f"{results['memory_per_worker'] / 1e9:.2f} GB per worker; {results['runs']} run(s) per method, "
+        "medians [min..max]",
+    ]
+    ray = results.get("ray")
+    if ray is not None:
+        if ray["started_by_bench"]:
+            lines.append(f"ray: started once for the whole bench in {ray['startup_seconds']:.1f} s "
+                         "(not included in any run; each run still starts its own worker actors)")
+        else:
+            lines.append("ray: already running; reused (no start-up in any run)")
+    lines.append(
+        f"read bound: {rb['median']:.3f} s [{rb['min']:.3f}..{rb['max']:.3f}] = {rb['gbps']:.2f} GB/s "
+        f"to read all {_gb(rb['bytes'])} GB once: one thread, plain sequential readinto into a "
+        f"reused {READ_BUFFER // 2**20} MiB buffer, warm page cache (read once untimed first; "
+        "caches not dropped), the same page cache the merge reads from")
+    lines.append("")
+
+    cols = [("method", "<"), ("passes", ">"), ("wall s [min..max]", ">"), ("read GB", ">"),
+            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("stats s", ">"),
+            ("merge s", ">"), ("wk read/compute/write s", ">")]
+    rows = []
+    for r in results["methods"]:
+        w, st, ws = r["wall_seconds"], r["stage_seconds"], r["worker_seconds"]
+        rows.append([
+            r["method"], str(r["passes"]),
+            f"{w['median']:.2f} [{w['min']:.2f}..{w['max']:.2f}]",
+            _gb(r["bytes_read"]), f"{r['input_gbps']:.2f}", f"{w['median'] / rb['median']:.2f}",
+            f"{r['peak_worker_rss'] / 1e9:.2f}/{r['memory_per_worker'] / 1e9:.2f}",
+            f"{st['stats']:.2f}", f"{st['merge']:.2f}",
+            f"{ws['read']:.2f}/{ws['compute']:.2f}/{ws['write']:.2f}",
+        ])
+    widths = [max(len(c[0]), *(len(row[i]) for row in rows)) if rows else len(c[0])
+              for i, c in enumerate(cols)]
+
+    def fmt(cells: list[str]) -> str:
+        return "  ".join(f"{cell:{a}{wd}}" for cell, (_, a), wd in zip(cells, cols, widths)).rstrip()
+
+    lines.append(fmt([c[0] for c in cols]))
+    lines.append("  ".join("-" * wd for wd in widths))
+    lines += [fmt(row) for row in rows]
+    lines += [
+        "",
+        "read GB: bytes the merge read in all passes (ties reads the inputs once per statistics "
+        "round plus once to merge); in GB/s: one pass of input tensors / wall; x bound: wall / read bound.",
+        "stats s, merge s: driver stage times; wk read/compute/write s: summed over workers and slices.",
+    ]
+    if results["executor"] == "local":
+        lines.append("peak RSS (local executor): the bench process's own high-water mark, which includes "
+                     "earlier runs and methods (inputs are generated in a separate process).")
+    else:
+        lines.append("peak RSS: highest of any worker actor in any run (actors are new in each run).")
+
+    cmp_ = results.get("compare")
+    if cmp_ is not None:
+        lines.append("")
+        if not cmp_["installed"]:
+            lines.append(f"mergekit: not installed; skipped (install it with `{cmp_['install']}` "
+                         "and rerun with --compare mergekit)")
+        else:
+            ours = {r["method"]: r["wall_seconds"]["median"] for r in results["methods"]}
+            for m, mk in cmp_["methods"].items():
+                if "error" in mk:
+                    lines.append(f"mergekit {m}: not timed: {mk['error']}")
+                    continue
+                w = mk["wall_seconds"]
+                note = f"; {mk['note']}" if mk.get("note") else ""
+                lines.append(f"mergekit {m}: {w['median']:.2f} s [{w['min']:.2f}..{w['max']:.2f}] "
+                             f"(mergekit-yaml subprocess, CPU, incl. its start-up) = "
+                             f"{w['median'] / ours[m]:.2f}x distmerge's wall{note}")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """The ``bench`` verb: run the bench, print the report, write JSON when asked."""
+    results = benchmark(args)
+    print(render(results))
+    if args.json:
+        path = Path(args.json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        print(f"figures written to {path}")
+    return 0

@@ -57,6 +57,7 @@ class Summary:
     worker_peak_rss: dict[str, int]
     memory_per_worker: int
     worker_seconds: dict[str, float] = field(default_factory=dict)
+    retries: int = 0
 
     @property
     def read_gbps(self) -> float:
@@ -67,7 +68,7 @@ class Summary:
         return [
             f"merged checkpoint: {self.output}",
             f"  tensors {self.tensors} in {self.shards} shard(s), {self.slices} slices, "
-            f"{self.passes} pass(es) over the inputs",
+            f"{self.passes} pass(es) over the inputs, {self.retries} slice(s) retried",
             f"  read {self.bytes_read / 1e9:.3f} GB, wrote {self.bytes_written / 1e9:.3f} GB "
             f"in {self.seconds:.2f} s ({self.read_gbps:.2f} GB/s read)",
             "  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_seconds.items()),
@@ -155,6 +156,7 @@ class Run:
         self.bytes_written = 0
         self.peak_rss: dict[str, int] = {}
         self.worker_seconds: dict[str, float] = {}
+        self.retries = 0
 
     # -- the state machine ------------------------------------------------------------------
     def execute(self) -> Summary:
@@ -184,7 +186,7 @@ class Run:
             seconds=time.perf_counter() - start, stage_seconds=dict(self.events.stage_seconds),
             worker_peak_rss=dict(self.peak_rss),
             memory_per_worker=self.pipeline.resources.memory_per_worker,
-            worker_seconds=dict(self.worker_seconds),
+            worker_seconds=dict(self.worker_seconds), retries=self.retries,
         )
 
     def _validate(self) -> State:
@@ -217,6 +219,10 @@ class Run:
             self.worker_seconds[k] = self.worker_seconds.get(k, 0.0) + v
         self.events.slice_done(report)
 
+    def _on_retry(self, task: Task, error: BaseException) -> None:
+        self.retries += 1
+        self.events.slice_failed()
+
     def _stats_slices(self) -> list[Task]:
         """The slices holding at least one tensor that this round has statistics for."""
         assert self.plan is not None and self.validated is not None
@@ -229,7 +235,7 @@ class Run:
         ]
 
     def _stats(self) -> State:
-        assert self.validated is not None
+        assert self.validated is not None and self.plan is not None
         acc = StatsAccumulator()
 
         def on_report(task: Task, report: Report) -> None:
@@ -238,12 +244,10 @@ class Run:
 
         tasks = self._stats_slices()
         self.events.pass_start(f"stats {self.round + 1}/{self.validated.methods.rounds}", len(tasks))
-        self.executor.run(tasks, self.ctx, on_report)
+        self.executor.run(tasks, self.ctx, on_report, self._on_retry)
         self.events.pass_end()
-        totals = acc.totals()
-        for method in self.validated.methods.all():
-            if self.round < method.rounds:
-                self.ctx = method.reduce(self.round, totals, self.ctx)
+        self.ctx = self.validated.methods.reduce(self.round, acc.totals(), self.ctx,
+                                                 list(self.plan.tensors))
         self.round += 1
         return State.STATS if self.round < self.validated.methods.rounds else State.MERGE
 
@@ -258,7 +262,7 @@ class Run:
             self._on_report(task, report)
 
         self.events.pass_start("merge", len(tasks))
-        self.executor.run(tasks, self.ctx, on_report)
+        self.executor.run(tasks, self.ctx, on_report, self._on_retry)
         self.events.pass_end()
         return State.GATHER
 

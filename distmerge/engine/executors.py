@@ -1,7 +1,8 @@
 """Two ways to run slice tasks behind one interface: in this process, or on Ray actors.
 
-``executor.run(tasks, ctx, on_report)`` runs every task (any order), calls ``on_report`` on the
-driver for each finished one, and raises the first error the retry policy gives up on.
+``executor.run(tasks, ctx, on_report, on_retry)`` runs every task (any order), calls
+``on_report`` on the driver for each finished one and ``on_retry`` for each failed attempt that
+is tried again, and raises the first error the retry policy gives up on.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from distmerge.engine.worker import Job, Report, SliceWorker, Task
 log = logging.getLogger(__name__)
 
 OnReport = Callable[[Task, Report], None]
+OnRetry = Callable[[Task, BaseException], None]
 
 
 class Executor(Protocol):
     workers: int
 
     def start(self, job: Job) -> None: ...
-    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None: ...
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
+            on_retry: OnRetry | None = None) -> None: ...
     def shutdown(self) -> None: ...
 
 
@@ -38,7 +41,9 @@ class LocalExecutor:
     def start(self, job: Job) -> None:
         self.worker = SliceWorker(job, device=self.device, worker_id="local")
 
-    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None:
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
+            on_retry: OnRetry | None = None) -> None:
+        """In-process errors are not retried: the same process would fail the same way."""
         assert self.worker is not None, "start() first"
         for task in tasks:
             on_report(task, self.worker.process(task, ctx))
@@ -82,7 +87,8 @@ class RayExecutor:
         self.actors = [self._new_actor(i) for i in range(self.workers)]
         ray.get([a.ready.remote() for a in self.actors])
 
-    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport) -> None:
+    def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
+            on_retry: OnRetry | None = None) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -127,6 +133,8 @@ class RayExecutor:
                         ray.cancel(r)
                     raise cause from None
                 log.warning("slice %d: %s", task.slice.index, decision.reason)
+                if on_retry is not None:
+                    on_retry(task, cause)
                 queue.append((task, attempts + 1, i))
                 continue
             on_report(task, report)

@@ -85,6 +85,22 @@ class MethodSet:
     def rounds(self) -> int:
         return max(m.rounds for m in self.all())
 
+    def reduce(self, round: int, totals: dict[str, Any], ctx: dict[str, Any],
+               tensors: list[str]) -> dict[str, Any]:
+        """Hand each statistics group's totals (keys ``"<group>/<kind>"``) to the method that
+        owns the group, in a fixed order; returns the context for the next round."""
+        owners: dict[str, Method] = {}
+        for name in tensors:
+            m = self.for_tensor(name)
+            if round < m.rounds:
+                owners[m.group(name)] = m
+        by_group: dict[str, dict[str, Any]] = {}
+        for key, value in totals.items():
+            by_group.setdefault(key.rsplit("/", 1)[0], {})[key] = value
+        for group in sorted(by_group):
+            ctx = owners[group].reduce(round, by_group[group], ctx)
+        return ctx
+
 
 def build(name: str, params: dict[str, Any],
           overrides: list[tuple[str, dict[str, Any]]] = ()) -> MethodSet:

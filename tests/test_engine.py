@@ -1,0 +1,106 @@
+"""The whole path in-process (LocalExecutor): output equals the in-memory protocol, the
+published folder is complete, and bytes do not depend on the slice size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.config import load_pipeline
+from distmerge.engine.driver import run_pipeline
+from distmerge.methods import build
+from tests.conftest import make_pipeline, sha256_tree
+from tests.harness import merge_tensors
+
+
+def _run(path: Path, **cli):
+    return run_pipeline(load_pipeline(path, **cli), executor="local", show_progress=False)
+
+
+def _load_model(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+METHODS = [
+    {"name": "ties", "density": 0.3, "scope": "model"},
+    {"name": "ties", "density": 0.3, "scope": "tensor", "scale": 0.8},
+    {"name": "task_arithmetic", "scale": 0.5},
+    {"name": "linear"},
+]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: "-".join(map(str, m.values())))
+def test_engine_output_equals_the_in_memory_protocol(tmp_path, tiny_models, method):
+    weights = [1.0, 0.5, 2.0]
+    pipe = make_pipeline(tmp_path, tiny_models, method=method,
+                         experts=[{"path": str(m), "weight": w} for m, w in zip(tiny_models[1:], weights)],
+                         resources={"workers": 1, "slice_size": "2KB"})
+    summary = _run(pipe)
+    base = _load_model(tiny_models[0])
+    experts = [_load_model(m) for m in tiny_models[1:]]
+    params = {k: v for k, v in method.items() if k != "name"}
+    want = merge_tensors(build(method["name"], params), base, experts, weights)
+    got = _load_model(tmp_path / "out")
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], want[name].bfloat16()), name
+    assert summary.bytes_written == sum(t.numel() * 2 for t in got.values())
+
+
+def test_published_folder_is_complete_and_loadable(tmp_path, tiny_models):
+    pipe = make_pipeline(tmp_path, tiny_models, output={"path": str(tmp_path / "out"),
+                                                       "dtype": "float32", "shard_size": "30KB"})
+    _run(pipe)
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(set(index["weight_map"].values())) == shards
+    tensors = _load_model(out)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["torch_dtype"] == "float32"
+    assert (out / "generation_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_bytes_do_not_depend_on_slice_size(tmp_path, tiny_models):
+    digests = []
+    for i, size in enumerate(["1GB", "3KB", "200B"]):
+        pipe = make_pipeline(tmp_path / str(i), tiny_models, resources={"slice_size": size})
+        summary = _run(pipe)
+        digests.append(sha256_tree(tmp_path / str(i) / "out"))
+        if size == "200B":
+            assert summary.slices > 30
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_integer_and_fp32_tensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 4, generator=g), "ids": torch.arange(10, dtype=torch.int64).view(2, 5),
+            "flag": torch.tensor([True, False])}
+    folders = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        tensors = dict(base)
+        if i:
+            tensors = {**base, "w": base["w"] + i * 0.25, "ids": base["ids"] + 100 * i}
+        save_file(tensors, str(d / "model.safetensors"))
+        folders.append(d)
+    pipe = make_pipeline(tmp_path, folders, method={"name": "task_arithmetic", "scale": 1.0},
+                         output={"path": str(tmp_path / "out")})
+    _run(pipe)
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(got["ids"], base["ids"])                   # integers copied from the base
+    assert torch.equal(got["flag"], base["flag"])
+    assert got["w"].dtype == torch.float32                        # dtype kept when output.dtype is null
+    assert torch.equal(got["w"], base["w"] + 0.25 + 0.5)

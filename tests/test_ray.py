@@ -1,0 +1,84 @@
+"""The Ray path on a real local Ray: byte-identical to the in-process run whatever the number
+of actors and the slice size; a dead actor's slices are retried elsewhere; errors raised in
+actors reach the driver as the same class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.config import load_pipeline
+from distmerge.engine.driver import run_pipeline
+from distmerge.engine.executors import RayExecutor
+from distmerge.errors import NonFiniteError
+from tests.conftest import make_pipeline, sha256_tree
+
+pytestmark = pytest.mark.ray
+
+
+def _ray_executor(pipe, cls=RayExecutor):
+    r = load_pipeline(pipe).resources
+    return cls(workers=r.workers)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "ties", "density": 0.3, "scope": "model"},
+    {"name": "ties", "density": 0.2, "scope": "tensor"},
+    {"name": "task_arithmetic", "scale": 0.7},
+], ids=["ties-model", "ties-tensor", "task_arithmetic"])
+def test_ray_two_actors_tiny_slices_equal_in_process_whole_tensors(ray_session, tmp_path, tiny_models, method):
+    whole = make_pipeline(tmp_path / "whole", tiny_models, method=method,
+                          resources={"workers": 1, "slice_size": "1GB"})
+    sliced = make_pipeline(tmp_path / "sliced", tiny_models, method=method,
+                           resources={"workers": 2, "slice_size": "512B"})
+    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
+    summary = run_pipeline(load_pipeline(sliced), executor=_ray_executor(sliced), show_progress=False)
+    assert summary.slices > 20
+    assert len(summary.worker_peak_rss) == 2, "both actors should have merged slices"
+    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
+
+
+class KillsAnActor(RayExecutor):
+    """Kills actor 0 after the first report of the merge pass, with work still queued on it."""
+
+    killed = False
+
+    def run(self, tasks, ctx, on_report, on_retry=None):
+        import ray
+
+        def hook(task, report):
+            if task.round is None and not KillsAnActor.killed:
+                KillsAnActor.killed = True
+                ray.kill(self.actors[0], no_restart=True)
+            on_report(task, report)
+
+        super().run(tasks, ctx, hook, on_retry)
+
+
+def test_dead_actor_slices_are_retried_and_bytes_are_unchanged(ray_session, tmp_path, tiny_models):
+    ref = make_pipeline(tmp_path / "ref", tiny_models, resources={"workers": 1, "slice_size": "1KB"})
+    run_pipeline(load_pipeline(ref), executor="local", show_progress=False)
+    pipe = make_pipeline(tmp_path / "kill", tiny_models, resources={"workers": 2, "slice_size": "1KB"})
+    summary = run_pipeline(load_pipeline(pipe), executor=_ray_executor(pipe, KillsAnActor), show_progress=False)
+    assert KillsAnActor.killed
+    assert summary.retries >= 1
+    assert sha256_tree(tmp_path / "ref" / "out") == sha256_tree(tmp_path / "kill" / "out")
+
+
+def test_error_in_an_actor_reaches_the_driver_as_its_class(ray_session, tmp_path, tiny_models):
+    import shutil
+
+    bad = tmp_path / "expert-nan"
+    shutil.copytree(tiny_models[2], bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    models = [tiny_models[0], tiny_models[1], bad]
+    pipe = make_pipeline(tmp_path, models, resources={"workers": 2, "slice_size": "1KB"})
+    with pytest.raises(NonFiniteError, match=name):
+        run_pipeline(load_pipeline(pipe), executor=_ray_executor(pipe), show_progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
