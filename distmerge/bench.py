@@ -401,7 +401,7 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
 
     cols = [("method", "<"), ("passes", ">"), ("wall s [min..max]", ">"), ("read GB", ">"),
-            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("stats s", ">"),
+            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("plan s", ">"), ("stats s", ">"),
             ("merge s", ">"), ("wk read/compute/write s", ">")]
     rows = []
     for r in results["methods"]:
@@ -411,7 +411,7 @@ def render(results: dict[str, Any]) -> str:
             f"{w['median']:.2f} [{w['min']:.2f}..{w['max']:.2f}]",
             _gb(r["bytes_read"]), f"{r['input_gbps']:.2f}", f"{w['median'] / rb['median']:.2f}",
             f"{r['peak_worker_rss'] / 1e9:.2f}/{r['memory_per_worker'] / 1e9:.2f}",
-            f"{st['stats']:.2f}", f"{st['merge']:.2f}",
+            f"{st['plan']:.2f}", f"{st['stats']:.2f}", f"{st['merge']:.2f}",
             f"{ws['read']:.2f}/{ws['compute']:.2f}/{ws['write']:.2f}",
         ])
     widths = [max(len(c[0]), *(len(row[i]) for row in rows)) if rows else len(c[0])
@@ -427,7 +427,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         "read GB: bytes the merge read in all passes (ties reads the inputs once per statistics "
         "round plus once to merge); in GB/s: one pass of input tensors / wall; x bound: wall / read bound.",
-        "stats s, merge s: driver stage times; wk read/compute/write s: summed over workers and slices.",
+        "plan s, stats s, merge s: driver stage times (plan includes starting the run's workers); wk read/compute/write s: summed over workers and slices.",
     ]
     if results["executor"] == "local":
         lines.append("peak RSS (local executor): the bench process's own high-water mark, which includes "

@@ -74,7 +74,7 @@ class _Strict(BaseModel):
 
 class ModelRef(_Strict):
     path: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, allow_inf_nan=False)
 
     @field_validator("path")
     @classmethod

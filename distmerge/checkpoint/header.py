@@ -95,13 +95,13 @@ def parse_header(raw: bytes, *, file_size: int, where: str) -> tuple[dict[str, T
 
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"not UTF-8 JSON ({err})") from None
+    except (ValueError, RecursionError) as err:   # bad UTF-8 or JSON, huge ints, deep nesting
+        raise bad(f"not UTF-8 JSON ({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(obj, dict):
         raise bad("the header is not a JSON object")
     data_start = 8 + len(raw)
     data_size = file_size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -111,7 +111,7 @@ def parse_header(raw: bytes, *, file_size: int, where: str) -> tuple[dict[str, T
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"tensor {name!r} must have exactly dtype, shape and data_offsets")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape

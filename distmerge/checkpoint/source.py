@@ -105,8 +105,9 @@ def _check_inside(folder: str, file_url: str) -> None:
         )
 
 
-def list_shards(url: str) -> tuple[str, ...]:
-    """The shard URLs of the model at ``url``, in a stable order.
+def list_shards(url: str) -> tuple[tuple[str, ...], dict[str, str] | None]:
+    """The shard URLs of the model at ``url`` in a stable order, and its index's weight_map
+    (tensor -> shard URL) when it has one.
 
     Raises:
         SourceNotFoundError: no such model, or a shard named by the index is missing.
@@ -118,7 +119,7 @@ def list_shards(url: str) -> tuple[str, ...]:
     if url.endswith(".safetensors"):
         if not fs.isfile(path):
             raise SourceNotFoundError(f"model file not found: {url}")
-        return (url,)
+        return (url,), None
     if not fs.isdir(path):
         raise SourceNotFoundError(f"model not found: {url} (no such folder)")
     names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
@@ -127,22 +128,19 @@ def list_shards(url: str) -> tuple[str, ...]:
         if fs.size(join(path, INDEX_NAME)) > MAX_INDEX_BYTES:
             raise UnsafeCheckpointError(f"{index_url}: index file over {MAX_INDEX_BYTES} bytes")
         try:
-            index = json.loads(fs.cat_file(join(path, INDEX_NAME)))
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, TypeError, AssertionError):
+            weight_map = json.loads(fs.cat_file(join(path, INDEX_NAME)))["weight_map"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            weight_map = None
+        if not isinstance(weight_map, dict):
             raise UnsafeCheckpointError(
                 f"{index_url}: not a valid index (expected JSON with a weight_map object)"
-            ) from None
+            )
         files = sorted({_check_shard_name(url, n) for n in weight_map.values()})
-        shards = []
         for name in files:
-            shard_url = join(url, name)
             if not fs.isfile(join(path, name)):
                 raise SourceNotFoundError(f"{index_url} names {name}, which is missing")
-            _check_inside(url, shard_url)
-            shards.append(shard_url)
-        return tuple(shards)
+            _check_inside(url, join(url, name))
+        return tuple(join(url, n) for n in files), {t: join(url, n) for t, n in weight_map.items()}
     st = [n for n in names if n.endswith(".safetensors")]
     if not st:
         if any(n.lower().endswith(PICKLE_SUFFIXES) for n in names):
@@ -150,7 +148,7 @@ def list_shards(url: str) -> tuple[str, ...]:
         raise SourceNotFoundError(f"{url}: no .safetensors files in this folder")
     for n in st:
         _check_inside(url, join(url, n))
-    return tuple(join(url, n) for n in st)
+    return tuple(join(url, n) for n in st), None
 
 
 def read_header(shard_url: str) -> dict[str, TensorInfo]:
@@ -178,9 +176,9 @@ def read_model_headers(url: str, *, pool: ThreadPoolExecutor | None = None) -> M
 
     Raises:
         SourceNotFoundError, UnsafeCheckpointError: as the model is missing or unsafe; a tensor
-            present in two shards is refused too.
+            present in two shards, or an index that disagrees with the headers, is refused too.
     """
-    shards = list_shards(url)
+    shards, weight_map = list_shards(url)
     headers = list(pool.map(read_header, shards)) if pool else [read_header(s) for s in shards]
     tensors: dict[str, tuple[str, TensorInfo]] = {}
     for shard, header in zip(shards, headers):
@@ -190,4 +188,12 @@ def read_model_headers(url: str, *, pool: ThreadPoolExecutor | None = None) -> M
                     f"{url}: tensor {name!r} appears in both {tensors[name][0]} and {shard}"
                 )
             tensors[name] = (shard, info)
+    if weight_map is not None:
+        wrong = sorted(n for n in set(weight_map) | set(tensors)
+                       if weight_map.get(n) != (tensors[n][0] if n in tensors else None))
+        if wrong:
+            raise UnsafeCheckpointError(
+                f"{join(url, INDEX_NAME)} disagrees with the shard headers about "
+                f"{len(wrong)} tensor(s), e.g. {wrong[:3]}; the index or a shard is stale"
+            )
     return ModelHeaders(url=url, shards=shards, tensors=tensors)

@@ -93,6 +93,7 @@ def validate(pipeline: Pipeline) -> Validated:
     """
     methods = build(pipeline.method.name, pipeline.method.params(),
                     [(o.match, o.params()) for o in pipeline.overrides])
+    methods.check_weights(tuple(e.weight for e in pipeline.experts))
     urls = [pipeline.base] + [e.path for e in pipeline.experts]
     check_destination(pipeline.output.path, overwrite=pipeline.output.overwrite, sources=urls)
     with ThreadPoolExecutor(max_workers=16) as pool:

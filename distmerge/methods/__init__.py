@@ -78,6 +78,15 @@ class MethodSet:
                 return method
         return self.default
 
+    def check_weights(self, weights: tuple[float, ...]) -> None:
+        """Raises:
+            ConfigError: the expert weights make a method undefined."""
+        for m in self.all():
+            try:
+                m.check_weights(weights)
+            except ValueError as err:
+                raise ConfigError(f"experts: weight: {err}") from None
+
     def all(self) -> list[Method]:
         return [self.default] + [m for _, m in self.overrides]
 

@@ -57,6 +57,9 @@ class Method:
     def check(self) -> None:
         """Raise ValueError("param: reason") for an impossible parameter value."""
 
+    def check_weights(self, weights: tuple[float, ...]) -> None:
+        """Raise ValueError("reason") when the experts' weights make this method undefined."""
+
     def group(self, tensor: str) -> str:
         """The statistics group of ``tensor`` (see the module docstring)."""
         return tensor

@@ -19,11 +19,12 @@ class Linear(Method):
     name = "linear"
     normalize: bool = True
 
+    def check_weights(self, weights: tuple[float, ...]) -> None:
+        if self.normalize and sum(weights) == 0:
+            raise ValueError("linear with normalize: true needs expert weights that do not sum to 0")
+
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         acc = weighted_sum(block.experts, block.weights)  # [rows, cols]
         if self.normalize:
-            total = sum(block.weights)
-            if total == 0:
-                raise ValueError("linear with normalize needs expert weights that do not sum to 0")
-            acc /= total
+            acc /= sum(block.weights)
         return acc

@@ -17,6 +17,7 @@ group (their own thresholds and sign sum).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ class Ties(Method):
             raise ValueError("density: must be between 0 and 1")
         if self.scope not in ("model", "tensor"):
             raise ValueError("scope: must be 'model' or 'tensor'")
+        if not math.isfinite(self.scale):
+            raise ValueError("scale: must be a finite number")
 
     @property
     def rounds(self) -> int:
