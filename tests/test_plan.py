@@ -9,7 +9,7 @@ import pytest
 
 from distmerge.checkpoint.header import DTYPE_SIZES, parse_header
 from distmerge.errors import ConfigError
-from distmerge.plan import make_plan, slice_elements_for
+from distmerge.plan import MAX_SLICE_ELEMENTS, make_plan, slice_elements_for
 
 TENSORS = [
     ("model.embed_tokens.weight", "BF16", (1000, 64)),
@@ -101,9 +101,10 @@ def test_plan_is_deterministic_and_json_serialisable():
 
 
 def test_slice_budget_follows_memory_and_refuses_too_little():
-    small = slice_elements_for(2 * 10**9, n_models=9, in_itemsize=2)
-    big = slice_elements_for(8 * 10**9, n_models=9, in_itemsize=2)
+    small = slice_elements_for(700 * 10**6, n_models=9, in_itemsize=2)
+    big = slice_elements_for(900 * 10**6, n_models=9, in_itemsize=2)
     assert 0 < small < big
-    assert slice_elements_for(2 * 10**9, n_models=49, in_itemsize=2) < small
+    assert slice_elements_for(700 * 10**6, n_models=49, in_itemsize=2) < small
+    assert slice_elements_for(10**12, n_models=9, in_itemsize=2) == MAX_SLICE_ELEMENTS
     with pytest.raises(ConfigError, match="memory_per_worker"):
         slice_elements_for(10**6, n_models=9, in_itemsize=2)
