@@ -26,7 +26,7 @@ def make_pipeline(tmp_path: Path, models: list[Path], **changes) -> Path:
     replace top-level keys (e.g. ``method={...}``)."""
     data = {
         "name": "test",
-        "base": str(models[0]),
+        "base": str(models[0]) if models else None,
         "experts": [{"path": str(m), "weight": 1.0} for m in models[1:]],
         "method": {"name": "ties", "density": 0.3, "scope": "model"},
         "output": {"path": str(tmp_path / "out"), "dtype": "bfloat16"},
