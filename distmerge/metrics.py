@@ -92,7 +92,7 @@ class RunEvents:
         m.bytes_written.labels(self.run).inc(report.bytes_written)
         m.worker_rss.labels(self.run, report.worker).set(report.peak_rss)
         self._done += 1
-        frac = (self._passes_done + self._done / max(1, self._total)) / self._passes_total
+        frac = min(1.0, (self._passes_done + min(1.0, self._done / max(1, self._total))) / self._passes_total)
         m.progress.labels(self.run).set(frac)
         if self._bar is not None:
             self._bar.update(1)

@@ -54,7 +54,8 @@ def kth_smallest_abs(values: torch.Tensor, k: int) -> float:
 
 class StatsAccumulator:
     """Sums partial statistics over slices: integer arrays as they arrive (exact in any
-    order), float arrays in fp64 by slice index at the end (a fixed order)."""
+    order), float arrays in fp64 by slice index at the end (a fixed order). A slice reported
+    twice (a retry) replaces its float partial rather than adding to it."""
 
     def __init__(self) -> None:
         self._ints: dict[str, np.ndarray] = {}
@@ -72,6 +73,10 @@ class StatsAccumulator:
                 floats[key] = np.asarray(arr, dtype=np.float64)
         if floats:
             self._floats[slice_index] = floats
+
+    def add_counts(self, counts: dict[str, np.ndarray]) -> None:
+        """Integer statistics already summed over many slices (a worker's drain)."""
+        self.add(-1, {k: v for k, v in counts.items() if np.issubdtype(v.dtype, np.integer)})
 
     def totals(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = dict(self._ints)

@@ -40,28 +40,35 @@ def test_ray_two_actors_tiny_slices_equal_in_process_whole_tensors(ray_session, 
 
 
 class KillsAnActor(RayExecutor):
-    """Kills actor 0 after the first report of the merge pass, with work still queued on it."""
+    """Kills actor 0 after the first report of a given pass (a statistics round or the merge
+    pass, None), with work still queued on it."""
 
+    kill_in_round: int | None = None
     killed = False
 
     def run(self, tasks, ctx, on_report, on_retry=None):
         import ray
 
         def hook(task, report):
-            if task.round is None and not KillsAnActor.killed:
-                KillsAnActor.killed = True
+            if task.round == self.kill_in_round and not self.killed:
+                self.killed = True
                 ray.kill(self.actors[0], no_restart=True)
             on_report(task, report)
 
-        super().run(tasks, ctx, hook, on_retry)
+        return super().run(tasks, ctx, hook, on_retry)
 
 
-def test_dead_actor_slices_are_retried_and_bytes_are_unchanged(ray_session, tmp_path, tiny_models):
+@pytest.mark.parametrize("kill_in_round", [0, 1, None], ids=["stats-round-0", "stats-round-1", "merge"])
+def test_dead_actor_slices_are_retried_and_bytes_are_unchanged(ray_session, tmp_path, tiny_models, kill_in_round):
+    """A worker dying mid-pass loses its in-flight slices and, in a statistics pass, the
+    counts it had summed but not yet handed over: both are redone, exactly once."""
     ref = make_pipeline(tmp_path / "ref", tiny_models, resources={"workers": 1, "slice_size": "1KB"})
     run_pipeline(load_pipeline(ref), executor="local", show_progress=False)
     pipe = make_pipeline(tmp_path / "kill", tiny_models, resources={"workers": 2, "slice_size": "1KB"})
-    summary = run_pipeline(load_pipeline(pipe), executor=_ray_executor(pipe, KillsAnActor), show_progress=False)
-    assert KillsAnActor.killed
+    executor = _ray_executor(pipe, KillsAnActor)
+    executor.kill_in_round = kill_in_round
+    summary = run_pipeline(load_pipeline(pipe), executor=executor, show_progress=False)
+    assert executor.killed
     assert summary.retries >= 1
     assert sha256_tree(tmp_path / "ref" / "out") == sha256_tree(tmp_path / "kill" / "out")
 

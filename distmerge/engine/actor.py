@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from distmerge.engine.worker import Job, Report, SliceWorker, Task
 
 
@@ -16,3 +18,6 @@ class SliceActor:
 
     def process(self, task: Task, ctx: dict[str, Any]) -> Report:
         return self.worker.process(task, ctx)
+
+    def drain(self) -> dict[str, np.ndarray]:
+        return self.worker.drain()

@@ -245,7 +245,7 @@ class Run:
 
         tasks = self._stats_slices()
         self.events.pass_start(f"stats {self.round + 1}/{self.validated.methods.rounds}", len(tasks))
-        self.executor.run(tasks, self.ctx, on_report, self._on_retry)
+        acc.add_counts(self.executor.run(tasks, self.ctx, on_report, self._on_retry))
         self.events.pass_end()
         self.ctx = self.validated.methods.reduce(self.round, acc.totals(), self.ctx,
                                                  list(self.plan.tensors))

@@ -2,7 +2,8 @@
 
 ``executor.run(tasks, ctx, on_report, on_retry)`` runs every task (any order), calls
 ``on_report`` on the driver for each finished one and ``on_retry`` for each failed attempt that
-is tried again, and raises the first error the retry policy gives up on.
+is tried again, raises the first error the retry policy gives up on, and returns the integer
+statistics summed over all tasks (each worker sums its own; see ``SliceWorker.drain``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 from collections import deque
 from typing import Any, Callable, Protocol
 
+import numpy as np
+
 from distmerge.engine.retry import RetryPolicy
 from distmerge.engine.worker import Job, Report, SliceWorker, Task
 
@@ -18,6 +21,12 @@ log = logging.getLogger(__name__)
 
 OnReport = Callable[[Task, Report], None]
 OnRetry = Callable[[Task, BaseException], None]
+Counts = dict[str, np.ndarray]
+
+
+def add_counts(into: Counts, part: Counts) -> None:
+    for key, arr in part.items():
+        into[key] = into[key] + arr if key in into else arr
 
 
 class Executor(Protocol):
@@ -25,7 +34,7 @@ class Executor(Protocol):
 
     def start(self, job: Job) -> None: ...
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
-            on_retry: OnRetry | None = None) -> None: ...
+            on_retry: OnRetry | None = None) -> Counts: ...
     def shutdown(self) -> None: ...
 
 
@@ -42,11 +51,12 @@ class LocalExecutor:
         self.worker = SliceWorker(job, device=self.device, worker_id="local")
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
-            on_retry: OnRetry | None = None) -> None:
+            on_retry: OnRetry | None = None) -> Counts:
         """In-process errors are not retried: the same process would fail the same way."""
         assert self.worker is not None, "start() first"
         for task in tasks:
             on_report(task, self.worker.process(task, ctx))
+        return self.worker.drain()
 
     def shutdown(self) -> None:
         if self.worker is not None:
@@ -88,14 +98,20 @@ class RayExecutor:
         ray.get([a.ready.remote() for a in self.actors])
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
-            on_retry: OnRetry | None = None) -> None:
+            on_retry: OnRetry | None = None) -> Counts:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         ctx_ref = ray.put(ctx)
         queue: deque[tuple[Task, int, int]] = deque((t, 0, -1) for t in tasks)  # task, attempts, avoid
-        running: dict[Any, tuple[Task, int, int]] = {}
+        running: dict[Any, tuple[Task, int, int, int]] = {}     # ref -> task, attempts, actor, generation
+        # Statistics tasks whose counts sit in an actor until it is drained: lost if it dies.
+        # An actor slot's generation changes when its actor is replaced, so a result that
+        # arrives from a dead generation is recognised (its counts died with it).
+        undrained: list[list[Task]] = [[] for _ in self.actors]
+        generation = [0] * len(self.actors)
         load = [0] * len(self.actors)
+        total: Counts = {}
         next_actor = 0
 
         def pick(avoid: int) -> int:
@@ -106,38 +122,63 @@ class RayExecutor:
             next_actor = (choice + 1) % len(self.actors)
             return choice
 
+        def redo(task: Task, i: int, err: BaseException) -> None:
+            queue.append((task, 0, i))
+            if on_retry is not None:
+                on_retry(task, err)
+
+        def replace(i: int, err: BaseException) -> None:
+            log.warning("worker%d died; starting a replacement", i)
+            self.actors[i] = self._new_actor(i)
+            generation[i] += 1
+            for t in undrained[i]:
+                redo(t, i, err)
+            undrained[i] = []
+
         while queue or running:
-            while queue:
-                task, attempts, avoid = queue[0]
-                i = pick(avoid)
-                if i < 0:
-                    break
-                queue.popleft()
-                ref = self.actors[i].process.remote(task, ctx_ref)
-                running[ref] = (task, attempts, i)
-                load[i] += 1
-            done, _ = ray.wait(list(running), num_returns=1)
-            ref = done[0]
-            task, attempts, i = running.pop(ref)
-            load[i] -= 1
-            try:
-                report = ray.get(ref)
-            except (RayTaskError, RayActorError) as err:
-                cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-                if isinstance(err, RayActorError):
-                    log.warning("worker%d died; starting a replacement", i)
-                    self.actors[i] = self._new_actor(i)
-                decision = self.policy.decide(cause, attempts + 1)
-                if not decision.retry:
-                    for r in running:
-                        ray.cancel(r)
-                    raise cause from None
-                log.warning("slice %d: %s", task.slice.index, decision.reason)
-                if on_retry is not None:
-                    on_retry(task, cause)
-                queue.append((task, attempts + 1, i))
-                continue
-            on_report(task, report)
+            while queue or running:
+                while queue:
+                    task, attempts, avoid = queue[0]
+                    i = pick(avoid)
+                    if i < 0:
+                        break
+                    queue.popleft()
+                    ref = self.actors[i].process.remote(task, ctx_ref)
+                    running[ref] = (task, attempts, i, generation[i])
+                    load[i] += 1
+                done, _ = ray.wait(list(running), num_returns=1)
+                ref = done[0]
+                task, attempts, i, gen = running.pop(ref)
+                load[i] -= 1
+                try:
+                    report = ray.get(ref)
+                except (RayTaskError, RayActorError) as err:
+                    cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+                    if isinstance(err, RayActorError) and gen == generation[i]:
+                        replace(i, err)
+                    decision = self.policy.decide(cause, attempts + 1)
+                    if not decision.retry:
+                        for r in running:
+                            ray.cancel(r)
+                        raise cause from None
+                    log.warning("slice %d: %s", task.slice.index, decision.reason)
+                    if on_retry is not None:
+                        on_retry(task, cause)
+                    queue.append((task, attempts + 1, i))
+                    continue
+                if task.round is not None:
+                    if gen != generation[i]:
+                        redo(task, i, RuntimeError(f"worker{i} died holding this slice's counts"))
+                        continue
+                    undrained[i].append(task)
+                on_report(task, report)
+            for i, actor in enumerate(self.actors):
+                try:
+                    add_counts(total, ray.get(actor.drain.remote()))
+                    undrained[i] = []
+                except RayActorError as err:
+                    replace(i, err)
+        return total
 
     def shutdown(self) -> None:
         import ray

@@ -28,6 +28,9 @@ from distmerge.errors import NonFiniteError
 from distmerge.methods import Block, MethodSet
 from distmerge.plan import Slice, TensorPlan
 
+# fp32 values (all models together) per method call on the CPU: fits the L2/L3 caches.
+CPU_CHUNK_FLOATS = 1_200_000
+
 Sources = tuple[dict[str, tuple[str, TensorInfo]], ...]
 
 
@@ -54,7 +57,7 @@ class Task:
 class Report:
     slice: int
     round: int | None
-    partial: dict[str, np.ndarray] = field(default_factory=dict)
+    partial: dict[str, np.ndarray] = field(default_factory=dict)   # float statistics only
     checksum: int | None = None
     bytes_read: int = 0
     bytes_written: int = 0
@@ -81,11 +84,29 @@ class SliceWorker:
         self.writer = ShardWriter()
         self.pool = ThreadPoolExecutor(max_workers=min(16, len(job.sources)))
         self._fp32: torch.Tensor | None = None
+        self._counts: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
         self.pool.shutdown()
         self.reader.close()
         self.writer.close()
+
+    def drain(self) -> dict[str, np.ndarray]:
+        """The integer statistics (histograms, counts) summed over every slice this worker
+        processed since the last drain, then forgotten. Integer sums are exact in any order,
+        so summing per worker is the same as summing per slice; it keeps the driver's traffic
+        at one histogram per worker and pass instead of one per slice."""
+        counts, self._counts = self._counts, {}
+        return counts
+
+    def _chunk_rows(self, n_models: int, cols: int, rows: int) -> int:
+        """Rows merged per method call. On the CPU, blocks of ~CPU_CHUNK_FLOATS fp32 values
+        over all models, so the chain of elementwise ops runs in cache (measured 8x faster
+        than whole 2M-element blocks); on a GPU, the whole piece. Methods are slice-invariant,
+        so this changes no output byte."""
+        if self.device.type != "cpu":
+            return max(1, rows)
+        return max(1, CPU_CHUNK_FLOATS // max(1, n_models * cols))
 
     def _workspace(self, elements: int) -> torch.Tensor:
         """A reused fp32 buffer on the device for the blocks of base and experts (no fresh
@@ -128,26 +149,35 @@ class SliceWorker:
             rep.bytes_read += sum(r.numel() * r.element_size() for r in raws)
             t1 = time.perf_counter()
             t_read += t1 - t0
-            if tp.merged:
-                rows, cols = raws[0].shape
-                fp32 = self._workspace(len(raws) * rows * cols).view(len(raws), rows, cols)
-                for t, r in enumerate(raws):
-                    fp32[t].copy_(r)
-                base, experts = fp32[0], fp32[1:]                           # [rows, cols], [T, rows, cols]
-                self._check_finite(piece.tensor, piece.row_start, piece.row_stop, base, experts)
-                block = Block(name=piece.tensor, base=base, experts=experts,
-                              weights=self.job.weights, row_start=piece.row_start)
-                if task.round is not None:
-                    _add(partial, method.stats(task.round, block, ctx))
-                    t_compute += time.perf_counter() - t1
-                    continue
-                result = method.merge(block, ctx).to(TORCH_DTYPES[tp.out_dtype]).cpu()
-            else:
-                result = raws[0]                                            # copied from the base
             row_bytes = (tp.stop - tp.start) // tp.rows if tp.rows else 0
-            at = tp.start + piece.row_start * row_bytes - s.start
-            data = as_bytes(result)
-            out.numpy()[at:at + len(data)] = data
+            if not tp.merged:                                               # copied from the base
+                at = tp.start + piece.row_start * row_bytes - s.start
+                data = as_bytes(raws[0])
+                out.numpy()[at:at + len(data)] = data
+                t_compute += time.perf_counter() - t1
+                continue
+            rows, cols = raws[0].shape
+            step = self._chunk_rows(len(raws), cols, rows)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                fp32 = self._workspace(len(raws) * (r1 - r0) * cols).view(len(raws), r1 - r0, cols)
+                for t, r in enumerate(raws):
+                    fp32[t].copy_(r[r0:r1])
+                base, experts = fp32[0], fp32[1:]                           # [rows, cols], [T, rows, cols]
+                g0, g1 = piece.row_start + r0, piece.row_start + r1
+                self._check_finite(piece.tensor, g0, g1, base, experts)
+                block = Block(name=piece.tensor, base=base, experts=experts,
+                              weights=self.job.weights, row_start=g0)
+                if task.round is not None:
+                    for key, arr in method.stats(task.round, block, ctx).items():
+                        if np.issubdtype(arr.dtype, np.integer):
+                            _add(self._counts, {key: arr.astype(np.int64, copy=False)})
+                        else:
+                            _add(partial, {key: arr})
+                    continue
+                data = as_bytes(method.merge(block, ctx).to(TORCH_DTYPES[tp.out_dtype]).cpu())
+                at = tp.start + g0 * row_bytes - s.start
+                out.numpy()[at:at + len(data)] = data
             t_compute += time.perf_counter() - t1
         if out is not None:
             t0 = time.perf_counter()
