@@ -21,11 +21,8 @@ def abs_bits(x: torch.Tensor) -> torch.Tensor:
 
 
 def histogram16(keys: torch.Tensor) -> np.ndarray:
-    """Counts of ``keys`` (integers in [0, 65536)) as int64[65536]."""
-    keys = keys.reshape(-1)
-    if keys.device.type == "cpu":
-        return np.bincount(keys.numpy(), minlength=BINS).astype(np.int64, copy=False)
-    return torch.bincount(keys.long(), minlength=BINS).cpu().numpy().astype(np.int64)
+    """Counts of ``keys`` (int32 in [0, 65536)) as int64[65536]."""
+    return torch.bincount(keys.reshape(-1), minlength=BINS).cpu().numpy()
 
 
 def select_bucket(hist: np.ndarray, k: int) -> tuple[int, int]:

@@ -9,6 +9,7 @@ with ``os.preadv`` straight into the buffer; other fsspec URLs with ``cat_file(s
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import torch
@@ -27,12 +28,14 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 class RangeReader:
-    """Reads row blocks; one per worker (holds open file descriptors and reusable buffers)."""
+    """Reads row blocks into reusable buffers, one per slot (model); one reader per slice in
+    flight, shared by the threads reading that slice's models in parallel."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
         self._fs: dict[str, tuple] = {}
         self._buffers: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()            # the read pool's threads share the open files
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -57,13 +60,14 @@ class RangeReader:
         """
         view = memoryview(out.numpy())
         if is_local(url):
-            fd = self._fds.get(url)
-            if fd is None:
-                try:
-                    fd = os.open(local_path(url), os.O_RDONLY)
-                except FileNotFoundError:
-                    raise SourceNotFoundError(f"shard not found: {url}") from None
-                self._fds[url] = fd
+            with self._lock:
+                fd = self._fds.get(url)
+                if fd is None:
+                    try:
+                        fd = os.open(local_path(url), os.O_RDONLY)
+                    except FileNotFoundError:
+                        raise SourceNotFoundError(f"shard not found: {url}") from None
+                    self._fds[url] = fd
             done = 0
             while done < len(view):
                 n = os.preadv(fd, [view[done:]], start + done)
@@ -74,9 +78,10 @@ class RangeReader:
                     )
                 done += n
             return
-        if url not in self._fs:
-            self._fs[url] = open_fs(url)
-        fs, path = self._fs[url]
+        with self._lock:
+            if url not in self._fs:
+                self._fs[url] = open_fs(url)
+            fs, path = self._fs[url]
         try:
             data = fs.cat_file(path, start=start, end=stop)
         except FileNotFoundError:

@@ -22,6 +22,7 @@ import logging
 import os
 import posixpath
 import shutil
+import threading
 import uuid
 import zlib
 
@@ -189,16 +190,18 @@ def copy_side_files(base_url: str, out_dir: str, *, out_dtype: str | None) -> li
 
 
 class ShardWriter:
-    """Positional writes into the staged shards (worker side; keeps descriptors open)."""
+    """Positional writes into the staged shards (worker side; keeps descriptors open;
+    ``pwrite`` at disjoint offsets is safe from several threads)."""
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def write(self, path: str, offset: int, data) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_WRONLY)
-            self._fds[path] = fd
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_WRONLY)
         view = memoryview(data).cast("B")
         done = 0
         while done < len(view):

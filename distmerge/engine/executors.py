@@ -84,8 +84,9 @@ class RayExecutor:
 
         from distmerge.engine.actor import SliceActor
 
+        # max_concurrency = in_flight: while one slice computes, the next one reads
         opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": self.gpus, "max_restarts": 0,
-                                "name": None}
+                                "max_concurrency": self.in_flight}
         if self.memory:
             opts["memory"] = self.memory
         return ray.remote(SliceActor).options(**opts).remote(self._job_ref, f"worker{i}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from distmerge.methods import Block, MethodSet
 from distmerge.plan import Slice, TensorPlan
 
 # fp32 values (all models together) per method call on the CPU: fits the L2/L3 caches.
-CPU_CHUNK_FLOATS = 1_200_000
+CPU_CHUNK_FLOATS = 600_000
 
 Sources = tuple[dict[str, tuple[str, TensorInfo]], ...]
 
@@ -80,15 +81,28 @@ class SliceWorker:
         self.job = job
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.worker_id = worker_id or f"pid{os.getpid()}"
-        self.reader = RangeReader()
         self.writer = ShardWriter()
         self.pool = ThreadPoolExecutor(max_workers=min(16, len(job.sources)))
-        self._fp32: torch.Tensor | None = None
+        # Two slices may run at once (a Ray actor with max_concurrency 2: one reads or writes
+        # while the other computes). Each thread has its own read buffers and fp32 workspace.
+        self._local = threading.local()
+        self._readers: list[RangeReader] = []
+        self._lock = threading.Lock()
         self._counts: dict[str, np.ndarray] = {}
+
+    @property
+    def reader(self) -> RangeReader:
+        reader = getattr(self._local, "reader", None)
+        if reader is None:
+            reader = self._local.reader = RangeReader()
+            with self._lock:
+                self._readers.append(reader)
+        return reader
 
     def close(self) -> None:
         self.pool.shutdown()
-        self.reader.close()
+        for reader in self._readers:
+            reader.close()
         self.writer.close()
 
     def drain(self) -> dict[str, np.ndarray]:
@@ -96,7 +110,8 @@ class SliceWorker:
         processed since the last drain, then forgotten. Integer sums are exact in any order,
         so summing per worker is the same as summing per slice; it keeps the driver's traffic
         at one histogram per worker and pass instead of one per slice."""
-        counts, self._counts = self._counts, {}
+        with self._lock:
+            counts, self._counts = self._counts, {}
         return counts
 
     def _chunk_rows(self, n_models: int, cols: int, rows: int) -> int:
@@ -111,14 +126,17 @@ class SliceWorker:
     def _workspace(self, elements: int) -> torch.Tensor:
         """A reused fp32 buffer on the device for the blocks of base and experts (no fresh
         allocation, and no page faults, per slice)."""
-        if self._fp32 is None or self._fp32.numel() < elements:
-            self._fp32 = torch.empty(elements, dtype=torch.float32, device=self.device)
-        return self._fp32[:elements]
+        fp32 = getattr(self._local, "fp32", None)
+        if fp32 is None or fp32.numel() < elements:
+            fp32 = self._local.fp32 = torch.empty(elements, dtype=torch.float32, device=self.device)
+        return fp32[:elements]
 
     def _read(self, tensor: str, r0: int, r1: int) -> list[torch.Tensor]:
+        reader = self.reader              # this slice's thread's buffers, one slot per model
+
         def one(i: int) -> torch.Tensor:
             url, info = self.job.sources[i][tensor]
-            return self.reader.read_rows(i, url, info, r0, r1)
+            return reader.read_rows(i, url, info, r0, r1)
         return list(self.pool.map(one, range(len(self.job.sources))))
 
     def _check_finite(self, tensor: str, r0: int, r1: int, base: torch.Tensor, experts: torch.Tensor) -> None:
@@ -165,13 +183,15 @@ class SliceWorker:
                     fp32[t].copy_(r[r0:r1])
                 base, experts = fp32[0], fp32[1:]                           # [rows, cols], [T, rows, cols]
                 g0, g1 = piece.row_start + r0, piece.row_start + r1
-                self._check_finite(piece.tensor, g0, g1, base, experts)
+                if (task.round or 0) == 0 and (task.round is not None or method.rounds == 0):
+                    self._check_finite(piece.tensor, g0, g1, base, experts)  # first read only
                 block = Block(name=piece.tensor, base=base, experts=experts,
                               weights=self.job.weights, row_start=g0)
                 if task.round is not None:
                     for key, arr in method.stats(task.round, block, ctx).items():
                         if np.issubdtype(arr.dtype, np.integer):
-                            _add(self._counts, {key: arr.astype(np.int64, copy=False)})
+                            with self._lock:
+                                _add(self._counts, {key: arr.astype(np.int64, copy=False)})
                         else:
                             _add(partial, {key: arr})
                     continue

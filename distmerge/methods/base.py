@@ -82,7 +82,7 @@ def weighted_sum(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     block's shape or device).  x: [T, rows, cols] → [rows, cols]"""
     acc = x[0] * weights[0]
     for t in range(1, x.shape[0]):
-        acc += x[t] * weights[t]
+        acc += x[t] if weights[t] == 1.0 else x[t] * weights[t]    # x · 1 = x exactly
     return acc
 
 

@@ -64,24 +64,20 @@ class Ties(Method):
 
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
         g = self.group(block.name)
-        tau = task_vectors(block)                                   # [T, rows, cols]
         if round == ROUND_HIGH:
-            bits = abs_bits(tau)
-            return {f"{g}/high": np.stack([histogram16(b >> 16) for b in bits])}
+            high = abs_bits(task_vectors(block)).bitwise_right_shift_(16)   # [T, rows, cols]
+            return {f"{g}/high": np.stack([histogram16(h) for h in high])}
         c = ctx[g]
         if round == ROUND_LOW:
-            bits = abs_bits(tau)
+            bits = abs_bits(task_vectors(block))                    # [T, rows, cols]
             hists = []
-            for t, b in enumerate(bits):
-                if c["bucket"][t] < 0:
-                    hists.append(np.zeros(1 << 16, dtype=np.int64))
-                else:
-                    inside = b[(b >> 16) == c["bucket"][t]]
-                    hists.append(histogram16(inside & 0xFFFF))
+            for b, bucket in zip(bits, c["bucket"]):
+                inside = b[(b >> 16) == bucket] if bucket >= 0 else b[:0]   # bucket −1: keep all
+                hists.append(histogram16(inside.bitwise_and_(0xFFFF)))
             return {f"{g}/low": np.stack(hists)}
         if round == ROUND_SIGN:
-            _, elected = self._trim_elect(block, tau, c)
-            return {f"{g}/signs": np.array([int(torch.sign(elected).sum())], dtype=np.int64)}
+            _, total = self._trim_elect(block, c)
+            return {f"{g}/signs": np.array([int(torch.sign(total).sum())], dtype=np.int64)}
         raise ValueError(f"ties has no statistics round {round}")
 
     def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -113,22 +109,28 @@ class Ties(Method):
         return ctx
 
     # -- merge ----------------------------------------------------------------------------
-    def _trim_elect(self, block: Block, tau: torch.Tensor, c: dict[str, Any]):
-        thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device)
-        trimmed = torch.where(tau.abs() >= thr.view(-1, 1, 1), tau, 0.0)   # [T, rows, cols]
-        elected = torch.sign(weighted_sum(trimmed, block.weights))  # [rows, cols]
-        return trimmed, elected
+    def _trim_elect(self, block: Block, c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """τ̂ (trimmed task vectors) and the weighted sum that elects the sign."""
+        tau = task_vectors(block)                                   # [T, rows, cols]
+        thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device).view(-1, 1, 1)
+        # τ · [|τ| ≥ thr]: a trimmed entry becomes ±0, which counts as 0 everywhere below
+        trimmed = tau.mul_(tau.abs() >= thr)
+        return trimmed, weighted_sum(trimmed, block.weights)    # [T, rows, cols], [rows, cols]
 
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         c = ctx[self.group(block.name)]
-        tau = task_vectors(block)
-        trimmed, elected = self._trim_elect(block, tau, c)
-        elected[elected == 0] = c["majority"]
-        num = torch.zeros_like(block.base)
-        den = torch.zeros_like(block.base)
-        for t in range(trimmed.shape[0]):
-            agree = (trimmed[t] != 0) & (torch.sign(trimmed[t]) == elected)
-            num += torch.where(agree, trimmed[t] * block.weights[t], 0.0)
-            den += agree * block.weights[t]
-        merged = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
-        return block.base + merged * self.scale
+        trimmed, total = self._trim_elect(block, c)
+        elected = torch.sign(total).masked_fill_(total == 0, c["majority"])   # [rows, cols], ±1
+        # With elected = ±1: τ̂_t agrees ⇔ τ̂_t · elected > 0, and the agreeing entries summed
+        # are elected · Σ_t w_t |τ̂_t| (negation is exact, so this is bit-for-bit the
+        # disjoint mean of METHODS.md).
+        aligned = trimmed.mul_(elected)                             # [T, rows, cols]
+        agree = aligned > 0
+        aligned.clamp_min_(0)
+        num = weighted_sum(aligned, block.weights)
+        if all(w == 1.0 for w in block.weights):
+            den = agree.sum(0, dtype=torch.int32).to(num.dtype)     # a count: exact in any order
+        else:
+            den = weighted_sum(agree.to(num.dtype), block.weights)
+        merged = torch.where(den != 0, num.div_(den).mul_(elected), 0.0)
+        return block.base + merged * self.scale if self.scale != 1.0 else block.base + merged
