@@ -12,7 +12,12 @@ is reported separately. Each run writes to a fresh temporary folder beside the c
 and deletes it afterwards.
 
 ``--compare mergekit`` times ``mergekit-yaml`` on the same inputs with an equivalent config,
-when the ``mergekit`` package is installed.
+when the ``mergekit`` package is installed, and measures its peak resident memory (its own
+process tree, through a small wrapper process) beside distmerge's total peak (the workers'
+peaks summed, plus the driver's own peak in that run).
+
+``--scale`` does none of the above: it simulates planning a large merge (default 48 experts of
+a ~64B Llama-shaped model) on synthetic headers; see :mod:`distmerge.scale`.
 
 Library functions return data; only :func:`run_bench` (the CLI verb) prints, and what it
 prints is :func:`render`'s text.
@@ -53,6 +58,13 @@ METHOD_SPECS: dict[str, dict[str, Any]] = {
 READ_BUFFER = 16 * 2**20
 DTYPE = "bfloat16"
 
+#: Shape flags: (bench default, --scale default). The --scale shape is Llama-3-70B's but for
+#: the MLP width (25344 instead of 28672), which gives 64.0B parameters.
+SHAPE_DEFAULTS: dict[str, tuple[int, int]] = {
+    "hidden": (1024, 8192), "layers": (8, 80), "intermediate": (2816, 25344),
+    "vocab": (32000, 128256), "heads": (16, 64), "kv_heads": (16, 8),
+}
+
 
 # -- arguments ---------------------------------------------------------------------------------
 def _size(text: str) -> int:
@@ -65,13 +77,14 @@ _size.__name__ = "size"     # argparse names the type in its error message
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="cache folder for the generated models "
                                  "(default: <cache>/bench/<shape-key>)")
-    p.add_argument("--experts", type=int, default=8, help="number of experts (default 8)")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=16)
+    p.add_argument("--scale", action="store_true",
+                   help="simulate planning a large merge on synthetic headers (no files, no "
+                        "tensor bytes): time and memory of the driver's steps, and a model of "
+                        "wall time; defaults then describe 48 experts of a ~64B Llama")
+    p.add_argument("--experts", type=int, help="number of experts (default 8; --scale: 48)")
+    for flag, (small, large) in SHAPE_DEFAULTS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int,
+                       help=f"(default {small}; --scale: {large})")
     p.add_argument("--shard-size", type=_size, default=parse_size("2GB"),
                    help="shard size of the generated inputs and of the output (default 2GB)")
     p.add_argument("--methods", default="task_arithmetic,ties",
@@ -79,10 +92,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=3, help="merges per method; medians are reported")
     p.add_argument("--executor", choices=["ray", "local"], default="ray")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--memory-per-worker", type=_size, default=parse_size("4GB"))
+    p.add_argument("--memory-per-worker", type=_size,
+                   help="memory budget of one worker (default 4GB; --scale: 16GB)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--compare", choices=["mergekit"],
                    help="also time mergekit-yaml on the same inputs (if installed)")
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left out with the defaults of the mode (bench, or ``--scale``)."""
+    large = bool(getattr(args, "scale", False))
+    for flag, defaults in SHAPE_DEFAULTS.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, defaults[large])
+    if getattr(args, "experts", None) is None:
+        args.experts = 48 if large else 8
+    if getattr(args, "memory_per_worker", None) is None:
+        args.memory_per_worker = parse_size("16GB" if large else "4GB")
+    return args
 
 
 def shape_from_args(args: argparse.Namespace) -> Shape:
@@ -171,6 +198,38 @@ def read_bound(files: list[str], runs: int) -> dict[str, Any]:
             **_spread(seconds), "gbps": nbytes / 1e9 / statistics.median(seconds)}
 
 
+# -- memory ------------------------------------------------------------------------------------
+def _rusage_bytes(maxrss: int) -> int:
+    """``ru_maxrss`` in bytes (Linux reports KiB, macOS bytes)."""
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS high-water mark (Linux: ``/proc/self/clear_refs``), so the
+    next :func:`peak_rss` covers only what runs from now on. False where it cannot be reset;
+    :func:`peak_rss` is then the process's peak since it started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (since start, or the last reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return _rusage_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 # -- merges ------------------------------------------------------------------------------------
 def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.Namespace):
     from distmerge.config import parse_pipeline
@@ -203,9 +262,11 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.bench-{method}-", dir=scratch_dir))
         try:
             pipeline = build_pipeline(method, folders, tmp / "merged", args)
+            was_reset = reset_peak_rss()
             t0 = time.perf_counter()
             summary = run_pipeline(pipeline, executor=args.executor, show_progress=False)
             wall = time.perf_counter() - t0
+            driver_peak = peak_rss()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         runs.append({
@@ -215,6 +276,10 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
             "worker_peak_rss": summary.worker_peak_rss,
             "memory_per_worker": summary.memory_per_worker,
             "slices": summary.slices, "shards": summary.shards, "tensors": summary.tensors,
+            "driver_peak_rss": driver_peak, "driver_peak_reset": was_reset,
+            # the local executor's worker is this process: its peak is the driver's
+            "total_peak_rss": driver_peak if args.executor == "local"
+            else driver_peak + sum(summary.worker_peak_rss.values()),
         })
         log.info("bench: %s run %d/%d: %.2f s", method, i + 1, args.runs, wall)
     walls = [r["wall_seconds"] for r in runs]
@@ -232,6 +297,8 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
         "input_gbps": input_bytes / 1e9 / wall,
         "read_gbps_all_passes": last["bytes_read"] / 1e9 / wall,
         "peak_worker_rss": max(max(r["worker_peak_rss"].values(), default=0) for r in runs),
+        "driver_peak_rss": max(r["driver_peak_rss"] for r in runs),
+        "total_peak_rss": max(r["total_peak_rss"] for r in runs),
         "memory_per_worker": last["memory_per_worker"],
         "stage_seconds": {k: _median_of([r["stage_seconds"] for r in runs], k)
                           for k in ("validate", "plan", "stats", "merge", "gather", "publish")},
@@ -277,6 +344,35 @@ def mergekit_note(method: str) -> str:
     return ""
 
 
+#: Runs argv[2:] as a child, then writes its wall time and the peak RSS of its process tree
+#: (``RUSAGE_CHILDREN``: the largest of the waited-for descendants; this wrapper's own memory
+#: is not counted) as JSON to argv[1]. A fresh wrapper per run, so nothing else the bench
+#: started (input generation, Ray) is among its children.
+_RUSAGE_WRAPPER = """\
+import json, resource, subprocess, sys, time
+t0 = time.perf_counter()
+rc = subprocess.call(sys.argv[2:])
+seconds = time.perf_counter() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"rc": rc, "seconds": seconds, "maxrss": ru.ru_maxrss}, f)
+sys.exit(rc)
+"""
+
+
+def run_measured(cmd: list[str], usage_file: Path) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """Run ``cmd`` under :data:`_RUSAGE_WRAPPER`; returns the process and ``{"rc", "seconds",
+    "peak_rss"}`` (seconds: the command's own wall time; peak_rss in bytes) of ``cmd`` itself."""
+    proc = subprocess.run([sys.executable, "-c", _RUSAGE_WRAPPER, str(usage_file), *cmd],
+                          capture_output=True, text=True)
+    try:
+        usage = json.loads(usage_file.read_text())
+    except (OSError, ValueError):
+        return proc, {"rc": proc.returncode, "seconds": None, "peak_rss": None}
+    return proc, {"rc": usage["rc"], "seconds": usage["seconds"],
+                  "peak_rss": _rusage_bytes(usage["maxrss"])}
+
+
 def _mergekit_command() -> list[str]:
     exe = shutil.which("mergekit-yaml")
     return [exe] if exe else [sys.executable, "-m", "mergekit.scripts.run_yaml"]
@@ -290,7 +386,8 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
     if config is None:
         return {"error": f"no mergekit equivalent of {method}"}
     params_per_shard = max(1, args.shard_size // 2)          # bf16: 2 bytes a parameter
-    seconds = []
+    seconds: list[float] = []
+    peaks: list[int] = []
     for _ in range(args.runs):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.mergekit-{method}-", dir=scratch_dir))
         try:
@@ -298,18 +395,19 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
             cfg.write_text(yaml.safe_dump(config, sort_keys=False))
             cmd = [*_mergekit_command(), str(cfg), str(tmp / "merged"),
                    "--out-shard-size", str(params_per_shard), "--no-cuda", "--no-copy-tokenizer"]
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
+            proc, usage = run_measured(cmd, tmp / "usage.json")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if proc.returncode != 0:
+        if proc.returncode != 0 or usage["seconds"] is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             return {"error": f"mergekit-yaml exited {proc.returncode}: "
                              f"{tail[-1] if tail else 'no output'}", "config": config}
-        seconds.append(wall)
-        log.info("bench: mergekit %s: %.2f s", method, wall)
+        seconds.append(usage["seconds"])
+        peaks.append(usage["peak_rss"])
+        log.info("bench: mergekit %s: %.2f s, peak RSS %.2f GB", method, usage["seconds"],
+                 usage["peak_rss"] / 1e9)
     return {"wall_seconds": _spread(seconds), "seconds": seconds, "config": config,
+            "peak_rss": max(peaks), "peak_rss_runs": peaks,
             "command": " ".join(_mergekit_command()) + " CONFIG OUT --out-shard-size "
                        f"{params_per_shard} --no-cuda --no-copy-tokenizer",
             "note": mergekit_note(method)}
