@@ -97,6 +97,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--compare", choices=["mergekit"],
                    help="also time mergekit-yaml on the same inputs (if installed)")
+    p.add_argument("--scale-workers", default="8,32,128",
+                   help="--scale: cluster sizes the wall-time model is given for (default 8,32,128)")
+    p.add_argument("--worker-gbps", type=float, default=1.0,
+                   help="--scale: read bandwidth of one worker from storage in GB/s (default 1.0)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -417,6 +421,7 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Generate or reuse the inputs, measure the read bound, time every method (and mergekit
     when asked); returns every figure as a JSON-able dict. Prints nothing."""
+    resolve_defaults(args)
     methods = _check_args(args)
     shape = shape_from_args(args)
     out = Path(args.out).expanduser() if args.out else default_cache() / "bench" / shape_key(shape, args.experts)
@@ -471,6 +476,10 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.3f}"
 
 
+def _gb_or_dash(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1e9:.2f}"
+
+
 def render(results: dict[str, Any]) -> str:
     """The bench report as text."""
     s, inp, rb = results["shape"], results["inputs"], results["read_bound"]
@@ -499,7 +508,8 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
 
     cols = [("method", "<"), ("passes", ">"), ("wall s [min..max]", ">"), ("read GB", ">"),
-            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("plan s", ">"), ("stats s", ">"),
+            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("total peak GB", ">"),
+            ("plan s", ">"), ("stats s", ">"),
             ("merge s", ">"), ("wk read/compute/write s", ">")]
     rows = []
     for r in results["methods"]:
@@ -509,6 +519,7 @@ def render(results: dict[str, Any]) -> str:
             f"{w['median']:.2f} [{w['min']:.2f}..{w['max']:.2f}]",
             _gb(r["bytes_read"]), f"{r['input_gbps']:.2f}", f"{w['median'] / rb['median']:.2f}",
             f"{r['peak_worker_rss'] / 1e9:.2f}/{r['memory_per_worker'] / 1e9:.2f}",
+            _gb_or_dash(r.get("total_peak_rss")),
             f"{st['plan']:.2f}", f"{st['stats']:.2f}", f"{st['merge']:.2f}",
             f"{ws['read']:.2f}/{ws['compute']:.2f}/{ws['write']:.2f}",
         ])
@@ -528,10 +539,16 @@ def render(results: dict[str, Any]) -> str:
         "plan s, stats s, merge s: driver stage times (plan includes starting the run's workers); wk read/compute/write s: summed over workers and slices.",
     ]
     if results["executor"] == "local":
-        lines.append("peak RSS (local executor): the bench process's own high-water mark, which includes "
-                     "earlier runs and methods (inputs are generated in a separate process).")
+        lines.append("peak RSS (local executor): the bench process's own high-water mark in a run (reset "
+                     "before each run where Linux allows; inputs are generated in a separate process); "
+                     "total peak: the same process, so the same figure.")
     else:
-        lines.append("peak RSS: highest of any worker actor in any run (actors are new in each run).")
+        lines.append("peak RSS: highest of any worker actor in any run (actors are new in each run); "
+                     "total peak: the workers' peaks summed plus the driver's (this process's) peak, "
+                     "highest over runs; Ray's own daemons and object store are not counted.")
+    if any(not run.get("driver_peak_reset", True) for r in results["methods"] for run in r.get("runs", [])):
+        lines.append("driver peak: could not be reset per run here, so it is this process's peak since it "
+                     "started (an upper bound).")
 
     cmp_ = results.get("compare")
     if cmp_ is not None:
@@ -541,6 +558,7 @@ def render(results: dict[str, Any]) -> str:
                          "and rerun with --compare mergekit)")
         else:
             ours = {r["method"]: r["wall_seconds"]["median"] for r in results["methods"]}
+            ours_peak = {r["method"]: r.get("total_peak_rss") for r in results["methods"]}
             for m, mk in cmp_["methods"].items():
                 if "error" in mk:
                     lines.append(f"mergekit {m}: not timed: {mk['error']}")
@@ -550,13 +568,28 @@ def render(results: dict[str, Any]) -> str:
                 lines.append(f"mergekit {m}: {w['median']:.2f} s [{w['min']:.2f}..{w['max']:.2f}] "
                              f"(mergekit-yaml subprocess, CPU, incl. its start-up) = "
                              f"{w['median'] / ours[m]:.2f}x distmerge's wall{note}")
+                if mk.get("peak_rss") is not None:
+                    mine = ours_peak.get(m)
+                    vs = (f" vs distmerge's total peak {mine / 1e9:.2f} GB "
+                          f"(= {mk['peak_rss'] / mine:.2f}x)" if mine else "")
+                    lines.append(f"mergekit {m}: peak RSS {mk['peak_rss'] / 1e9:.2f} GB (its process "
+                                 f"tree, highest over runs){vs}")
     return "\n".join(lines)
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """The ``bench`` verb: run the bench, print the report, write JSON when asked."""
-    results = benchmark(args)
-    print(render(results))
+    """The ``bench`` verb: run the bench (or, with ``--scale``, the scale simulation), print
+    the report, write JSON when asked."""
+    resolve_defaults(args)
+    if getattr(args, "scale", False):
+        from distmerge import scale
+
+        results = scale.simulate(args)
+        text = scale.render(results)
+    else:
+        results = benchmark(args)
+        text = render(results)
+    print(text)
     if args.json:
         path = Path(args.json).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,27 @@
-"""Cross-slice statistics: exact radix select on fp32 bit patterns, and order-fixed sums.
+"""Cross-slice statistics: exact radix select on fp32 bit patterns, and exact sums.
 
 Non-negative fp32 values order exactly like their uint32 bit patterns, so the k-th smallest
 |τ| over a whole model is found with two rounds of 65 536-bin histograms: the high 16 bits
 pick a bucket, then the low 16 bits of the entries in that bucket pick the value. Counts are
-integers, so summing them over slices is exact in any order; float statistics are summed in
-fp64 in slice order, so the result never depends on the number of workers.
+integers, so summing them over slices is exact in any order.
+
+Float statistics (norms, dot products) are made exact the same way: a method computes fp64
+sums per row (a row is never split, so these do not depend on the slicing) and turns them
+into an exact integer with :func:`exact_sum`; integers add up exactly in any order, so the
+totals never depend on the number of workers, the slice size or the order of arrival.
+:func:`exact_value` rounds a total back to a float once, on the driver.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import numpy as np
 import torch
 
 BINS = 1 << 16
+# Every finite fp64 value times 2**EXACT_SCALE is an integer (subnormals included).
+EXACT_SCALE = 1127
 
 
 def abs_bits(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +53,45 @@ def bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+def exact_sum(values: np.ndarray | torch.Tensor) -> int:
+    """Σ values, exactly, as an integer multiple of 2**-EXACT_SCALE (vectorised: each value is
+    split into its exponent and two 27-bit halves of its mantissa, whose per-exponent sums
+    fp64 holds exactly for up to 2**26 values).
+
+    Raises:
+        ValueError: a value is NaN or infinite.
+    """
+    v = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values,
+                   dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        return 0
+    if not np.isfinite(v).all():
+        raise ValueError("exact_sum of a non-finite value")
+    total = 0
+    for start in range(0, v.size, 1 << 26):
+        part = v[start:start + (1 << 26)]
+        mant, exp = np.frexp(part)                       # part = mant · 2**exp, |mant| in [.5, 1)
+        m = (mant * (1 << 53)).astype(np.int64)          # exact: 53-bit integer mantissas
+        hi, lo = m >> 27, m & ((1 << 27) - 1)
+        exps, inv = np.unique(exp, return_inverse=True)
+        sum_hi = np.bincount(inv, weights=hi.astype(np.float64))
+        sum_lo = np.bincount(inv, weights=lo.astype(np.float64))
+        for e, sh, sl in zip(exps.tolist(), sum_hi.tolist(), sum_lo.tolist()):
+            total += ((int(sh) << 27) + int(sl)) << (e - 53 + EXACT_SCALE)
+    return total
+
+
+def exact_value(total: int) -> float:
+    """The float nearest to an :func:`exact_sum` total (correctly rounded)."""
+    return float(Fraction(total, 1 << EXACT_SCALE))
+
+
+def is_exact(arr: np.ndarray) -> bool:
+    """Integer arrays (counts) and object arrays of Python ints (exact sums) add up exactly in
+    any order; anything else does not."""
+    return np.issubdtype(arr.dtype, np.integer) or arr.dtype == object
+
+
 def kth_smallest_abs(values: torch.Tensor, k: int) -> float:
     """Reference for tests: the k-th smallest |value| (1-indexed) of one tensor."""
     return float(values.abs().reshape(-1).kthvalue(k).values)
@@ -61,11 +109,11 @@ class StatsAccumulator:
     def add(self, slice_index: int, partial: dict[str, np.ndarray]) -> None:
         floats = {}
         for key, arr in partial.items():
-            if np.issubdtype(arr.dtype, np.integer):
+            if is_exact(arr):
                 if key in self._ints:
-                    self._ints[key] += arr
+                    self._ints[key] = self._ints[key] + arr
                 else:
-                    self._ints[key] = arr.astype(np.int64, copy=True)
+                    self._ints[key] = arr.copy() if arr.dtype == object else arr.astype(np.int64)
             else:
                 floats[key] = np.asarray(arr, dtype=np.float64)
         if floats:
@@ -73,7 +121,7 @@ class StatsAccumulator:
 
     def add_counts(self, counts: dict[str, np.ndarray]) -> None:
         """Integer statistics already summed over many slices (a worker's drain)."""
-        self.add(-1, {k: v for k, v in counts.items() if np.issubdtype(v.dtype, np.integer)})
+        self.add(-1, {k: v for k, v in counts.items() if is_exact(v)})
 
     def totals(self) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = dict(self._ints)

@@ -75,3 +75,92 @@ def test_render_mentions_missing_mergekit():
     text = bench.render(results)
     assert "ray: started once" in text
     assert "mergekit: not installed" in text and "pip install mergekit" in text
+
+
+# -- the scale simulation ------------------------------------------------------------------------
+SCALE_SHAPE = ["--hidden", "64", "--layers", "2", "--intermediate", "160", "--vocab", "256",
+               "--heads", "4", "--kv-heads", "2", "--shard-size", "40000"]
+# 600 MB of worker overhead plus room for ~2000 elements of 4 models: tensors get split
+SCALE_MEMORY = str(600 * 10**6 + 2000 * (2 * 4 * 2 + 4 * 4 + 2 * 3 * 4 + 16))
+
+
+def _covered_rows(plan) -> dict[str, list[tuple[int, int]]]:
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for s in plan.slices:
+        for p in s.pieces:
+            rows.setdefault(p.tensor, []).append((p.row_start, p.row_stop))
+    return rows
+
+
+def test_scale_simulation_small(tmp_path, capsys):
+    report = tmp_path / "scale.json"
+    assert main(["bench", "--scale", "--experts", "3", *SCALE_SHAPE, "--runs", "1",
+                 "--memory-per-worker", SCALE_MEMORY, "--scale-workers", "2,8",
+                 "--worker-gbps", "0.5", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic headers" in printed and "model of wall time (NOT measured)" in printed
+    assert "make_plan" in printed and "pickle.dumps(Job)" in printed
+    assert not list(tmp_path.glob("**/*.safetensors"))          # nothing written
+
+    data = json.loads(report.read_text())
+    s, c, b = data["shape"], data["counts"], data["bytes"]
+    shape = bench.Shape(hidden=64, layers=2, intermediate=160, vocab=256, heads=4, kv_heads=2,
+                        shard_size=40000)
+    params = shape.params()
+    assert s["params_per_model"] == params and s["experts"] == 3
+    # bytes = params x 2 (bf16) x models; one output model written
+    assert b["per_model"] == params * 2
+    assert b["read_per_pass"] == params * 2 * 4
+    assert b["written_tensors"] == params * 2 and b["written_files"] > b["written_tensors"]
+    assert c["models"] == 4 and c["tensors"] == len(shape.tensor_shapes())
+    assert c["input_shards_per_model"] > 1 and c["output_shards"] > 1
+    assert c["slice_elements"] < 16384 and c["slices"] > c["tensors"] // 4  # the embedding is split
+    assert c["slice_elements_uncapped"] == c["slice_elements"]             # budget below the cap
+    assert c["ranged_requests_per_pass"] >= c["slices"] * 4
+    assert c["job_pickle_bytes"] > 0 and c["task_pickle_bytes_per_pass"] > 0
+
+    m = data["methods"]
+    assert m["task_arithmetic"]["passes"] == 1 and m["ties"]["passes"] == 4
+    assert m["task_arithmetic"]["ray_tasks"] == c["slices"]
+    assert m["ties"]["ray_tasks"] == 3 * c["stats_slices"] + c["slices"]
+    assert m["ties"]["bytes_read"] == 4 * b["read_per_pass"]
+
+    rounds = data["ties_stats_traffic"]["rounds"]
+    assert [r["drain_bytes_per_worker"] for r in rounds] == [3 * 65536 * 8, 3 * 65536 * 8, 8]
+    for row, n in zip(data["model"], [2, 8]):
+        assert row["workers"] == n
+        assert row["seconds_per_pass"] == pytest.approx(b["read_per_pass"] / (n * 0.5e9))
+        ta = row["methods"]["task_arithmetic"]["wall_seconds"]
+        ti = row["methods"]["ties"]["wall_seconds"]
+        assert ta == pytest.approx(row["seconds_per_pass"] + data["planning_seconds"])
+        assert ti == pytest.approx(4 * row["seconds_per_pass"] + data["planning_seconds"])
+        assert row["methods"]["ties"]["driver_drain_bytes"] == n * (2 * 3 * 65536 * 8 + 8)
+    for step in ("headers", "check_compatible", "plan", "job", "job_pickle"):
+        assert data["steps"][step]["seconds"] >= 0 and data["steps"][step]["peak_bytes"] > 0
+
+
+def test_scale_plan_covers_every_tensor():
+    from distmerge import scale
+    from distmerge.config import parse_size
+
+    shape = bench.Shape(hidden=64, layers=2, intermediate=160, vocab=256, heads=4, kv_heads=2,
+                        shard_size=40000)
+    state, _ = scale.measure_steps(shape, 3, parse_size(SCALE_MEMORY), ("ties", {"density": 0.2}), 1)
+    base = state["headers"][0]
+    plan = state["plan"]
+    assert set(plan.tensors) == set(base.tensors)
+    for name, spans in _covered_rows(plan).items():
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == plan.tensors[name].rows
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))       # no gap, no overlap
+    assert set(_covered_rows(plan)) == set(plan.tensors)
+    # every slice fits the slice budget (a single row may exceed it; none here)
+    assert all(sum((p.row_stop - p.row_start) * plan.tensors[p.tensor].row_elements
+                   for p in s.pieces) <= plan.slice_elements for s in plan.slices)
+    # the synthetic headers lie like a safetensors file: in-bounds, contiguous per shard
+    for shard in base.shards:
+        infos = sorted((i for u, i in base.tensors.values() if u == shard), key=lambda i: i.start)
+        assert infos[0].start > 8
+        assert all(a.stop == b.start for a, b in zip(infos, infos[1:]))
+    # the Job carries one source table per model, as the driver builds it
+    assert len(state["job"].sources) == 4 and state["job"].sources[1] == state["headers"][1].tensors

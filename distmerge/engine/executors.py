@@ -26,7 +26,7 @@ Counts = dict[str, np.ndarray]
 
 def add_counts(into: Counts, part: Counts) -> None:
     for key, arr in part.items():
-        into[key] = into[key] + arr if key in into else arr
+        into[key] = into[key] + arr if key in into else arr    # integers: exact in any order
 
 
 class Executor(Protocol):

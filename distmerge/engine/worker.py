@@ -28,6 +28,7 @@ from distmerge.checkpoint.writer import ShardWriter
 from distmerge.errors import NonFiniteError
 from distmerge.methods import Block, MethodSet
 from distmerge.plan import Slice, TensorPlan
+from distmerge.reduce import is_exact
 
 # fp32 values (all models together) per method call on the CPU: fits the L2/L3 caches.
 CPU_CHUNK_FLOATS = 600_000
@@ -106,7 +107,7 @@ class SliceWorker:
         self.writer.close()
 
     def drain(self) -> dict[str, np.ndarray]:
-        """The integer statistics (histograms, counts) summed over every slice this worker
+        """The exact statistics (histograms, counts, exact sums) summed over every slice this worker
         processed since the last drain, then forgotten. Integer sums are exact in any order,
         so summing per worker is the same as summing per slice; it keeps the driver's traffic
         at one histogram per worker and pass instead of one per slice."""
@@ -191,12 +192,14 @@ class SliceWorker:
                               weights=self.job.weights, row_start=g0)
                 if task.round is not None:
                     for key, arr in method.stats(task.round, block, ctx).items():
-                        if np.issubdtype(arr.dtype, np.integer):
+                        if is_exact(arr):
                             with self._lock:
-                                if key in self._counts:
-                                    np.add(self._counts[key], arr, out=self._counts[key])
+                                if key not in self._counts:
+                                    self._counts[key] = arr.copy() if arr.dtype == object else arr.astype(np.int64)
+                                elif arr.dtype == object:
+                                    self._counts[key] = self._counts[key] + arr
                                 else:
-                                    self._counts[key] = arr.astype(np.int64)       # a copy we own
+                                    np.add(self._counts[key], arr, out=self._counts[key])
                         else:
                             _add(partial, {key: arr})
                     continue

@@ -82,6 +82,9 @@ class MethodSet:
         """Raises:
             ConfigError: the expert weights make a method undefined."""
         for m in self.all():
+            if m.exact_experts is not None and len(weights) != m.exact_experts:
+                raise ConfigError(f"experts: {m.name} merges exactly {m.exact_experts} experts, "
+                                  f"got {len(weights)}")
             try:
                 m.check_weights(weights)
             except ValueError as err:

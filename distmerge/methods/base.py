@@ -48,6 +48,8 @@ class Method:
     """Base class: subclasses are frozen keyword-only dataclasses of their parameters."""
 
     name: ClassVar[str]
+    # how many experts the method merges (None: any number from two)
+    exact_experts: ClassVar[int | None] = None
 
     @property
     def rounds(self) -> int:
