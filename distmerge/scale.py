@@ -224,11 +224,20 @@ def measure_steps(shape: Shape, experts: int, memory_per_worker: int, method: tu
 
 
 # -- statistics traffic ------------------------------------------------------------------------
+def _wire_bytes(arr: np.ndarray) -> int:
+    """Bytes of a drained array: int64 data (the worker sums counts as int64), or pickled
+    Python ints for exact sums."""
+    if arr.dtype == object:
+        return len(pickle.dumps(arr, protocol=pickle.HIGHEST_PROTOCOL))
+    return int(arr.size * 8)
+
+
 def ties_stats_traffic(experts: int, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Run TIES's own ``stats``/``reduce`` on a tiny block of ``experts`` experts: per round, the
     integer arrays a worker hands the driver at its drain (their size is per worker and does
     not depend on the model) and the pickled size of the context sent back for the next round."""
     from distmerge.methods import Block, build
+    from distmerge.reduce import is_exact
 
     methods = build(spec["name"], {k: v for k, v in spec.items() if k != "name"})
     method = methods.default
@@ -240,14 +249,14 @@ def ties_stats_traffic(experts: int, spec: dict[str, Any]) -> list[dict[str, Any
     rounds = []
     for r in range(method.rounds):
         part = method.stats(r, block, ctx)
-        ints = {k: v for k, v in part.items() if np.issubdtype(v.dtype, np.integer)}
-        floats = {k: v for k, v in part.items() if k not in ints}
+        exact = {k: v for k, v in part.items() if is_exact(v)}      # summed in the worker, drained
+        floats = {k: v for k, v in part.items() if k not in exact}  # reported per slice
         ctx = methods.reduce(r, part, ctx, ["t"])
         rounds.append({
             "round": r,
-            "drained": {k: {"shape": list(v.shape), "dtype": str(v.astype(np.int64).dtype),
-                            "bytes": int(v.astype(np.int64).nbytes)} for k, v in ints.items()},
-            "drain_bytes_per_worker": int(sum(v.astype(np.int64).nbytes for v in ints.values())),
+            "drained": {k: {"shape": list(v.shape), "dtype": "int64" if v.dtype != object else "object",
+                            "bytes": _wire_bytes(v)} for k, v in exact.items()},
+            "drain_bytes_per_worker": sum(_wire_bytes(v) for v in exact.values()),
             "float_bytes_per_slice": int(sum(v.nbytes for v in floats.values())),
             "ctx_pickle_bytes": len(pickle.dumps(ctx, protocol=pickle.HIGHEST_PROTOCOL)),
         })
@@ -269,13 +278,13 @@ def cpu_histogram_work(plan, experts: int, drain_bytes: int, hidden: int) -> dic
             if not t.merged:
                 continue
             rows = piece.row_stop - piece.row_start
-            step = SliceWorker._chunk_rows(cpu, n_models, t.row_elements, rows)
+            step = SliceWorker._chunk_rows(cpu, n_models, t.row_elements, rows, stats=True)
             calls_cpu += math.ceil(rows / step)
             calls_gpu += 1
     return {"calls_per_round_cpu": calls_cpu, "calls_per_round_gpu": calls_gpu,
             "histogram_bytes_per_round_cpu": calls_cpu * drain_bytes,
             "histogram_bytes_per_round_gpu": calls_gpu * drain_bytes,
-            "rows_per_call_cpu_hidden": SliceWorker._chunk_rows(cpu, n_models, hidden, 1 << 30),
+            "rows_per_call_cpu_hidden": SliceWorker._chunk_rows(cpu, n_models, hidden, 1 << 30, stats=True),
             "hidden": hidden}
 
 
@@ -381,6 +390,10 @@ def _b(n: float) -> str:
     return f"{n:.0f} B"
 
 
+def _n(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,.0f}"
+
+
 def _t(sec: float) -> str:
     if sec >= 3600:
         return f"{sec / 3600:.2f} h"
@@ -404,7 +417,7 @@ STEP_LABELS = {
 def render(r: dict[str, Any]) -> str:
     s, c, b = r["shape"], r["counts"], r["bytes"]
     lines = [
-        f"distmerge bench --scale: base + {s['experts']} experts of {s['params_per_model'] / 1e9:.2f}B "
+        f"distmerge bench --scale: base + {s['experts']} experts of {_n(s['params_per_model'])} "
         f"params ({s['dtype']}; hidden {s['hidden']}, layers {s['layers']}, intermediate "
         f"{s['intermediate']}, vocab {s['vocab']}, heads {s['heads']}/{s['kv_heads']} kv), input and "
         f"output shards of {_b(s['shard_size'])}",
