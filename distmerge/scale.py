@@ -33,7 +33,6 @@ import pickle
 import statistics
 import time
 import tracemalloc
-import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -265,12 +264,12 @@ def ties_stats_traffic(experts: int, spec: dict[str, Any]) -> list[dict[str, Any
 
 def cpu_histogram_work(plan, experts: int, drain_bytes: int, hidden: int) -> dict[str, Any]:
     """How many method calls a statistics round makes over the whole model (the worker merges
-    in row chunks on the CPU, one call per piece on a GPU; ``SliceWorker._chunk_rows``), and
+    in row chunks on the CPU, one call per piece on a GPU; ``engine.worker.chunk_rows``), and
     the histogram bytes they build: each call returns arrays as large as one drain."""
-    from distmerge.engine.worker import SliceWorker
+    from distmerge.engine.worker import chunk_rows
 
     n_models = experts + 1
-    cpu = types.SimpleNamespace(device=torch.device("cpu"))
+    cpu = "cpu"
     calls_cpu = calls_gpu = 0
     for s in plan.slices:
         for piece in s.pieces:
@@ -278,13 +277,13 @@ def cpu_histogram_work(plan, experts: int, drain_bytes: int, hidden: int) -> dic
             if not t.merged:
                 continue
             rows = piece.row_stop - piece.row_start
-            step = SliceWorker._chunk_rows(cpu, n_models, t.row_elements, rows, stats=True)
+            step = chunk_rows(cpu, n_models, t.row_elements, rows, stats=True)
             calls_cpu += math.ceil(rows / step)
             calls_gpu += 1
     return {"calls_per_round_cpu": calls_cpu, "calls_per_round_gpu": calls_gpu,
             "histogram_bytes_per_round_cpu": calls_cpu * drain_bytes,
             "histogram_bytes_per_round_gpu": calls_gpu * drain_bytes,
-            "rows_per_call_cpu_hidden": SliceWorker._chunk_rows(cpu, n_models, hidden, 1 << 30, stats=True),
+            "rows_per_call_cpu_hidden": chunk_rows(cpu, n_models, hidden, 1 << 30, stats=True),
             "hidden": hidden}
 
 

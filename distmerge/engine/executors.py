@@ -173,9 +173,10 @@ class RayExecutor:
                         continue
                     undrained[i].append(task)
                 on_report(task, report)
-            for i, actor in enumerate(self.actors):
+            drains = [actor.drain.remote() for actor in self.actors]   # all at once
+            for i, ref in enumerate(drains):
                 try:
-                    add_counts(total, ray.get(actor.drain.remote()))
+                    add_counts(total, ray.get(ref))
                     undrained[i] = []
                 except RayActorError as err:
                     replace(i, err)

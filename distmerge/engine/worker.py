@@ -32,6 +32,7 @@ from distmerge.reduce import is_exact
 
 # fp32 values (all models together) per method call on the CPU: fits the L2/L3 caches.
 CPU_CHUNK_FLOATS = 600_000
+STATS_CHUNK_ELEMENTS = 4 * 65_536
 
 Sources = tuple[dict[str, tuple[str, TensorInfo]], ...]
 
@@ -66,6 +67,20 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)   # read, compute, write
     peak_rss: int = 0
     worker: str = ""
+
+
+def chunk_rows(device_type: str, n_models: int, cols: int, rows: int, *, stats: bool) -> int:
+    """Rows per method call. On the CPU, blocks of ~CPU_CHUNK_FLOATS fp32 values over all
+    models, so the chain of elementwise ops runs in cache (measured 8x faster than whole
+    2M-element blocks); for statistics at least STATS_CHUNK_ELEMENTS per model, so that the
+    per-call 65 536-bin histograms stay small beside the data they count; on a GPU, the whole
+    piece. Methods are slice-invariant, so this changes no output byte."""
+    if device_type != "cpu":
+        return max(1, rows)
+    floats = CPU_CHUNK_FLOATS
+    if stats:
+        floats = max(4 * CPU_CHUNK_FLOATS, n_models * STATS_CHUNK_ELEMENTS)
+    return max(1, floats // max(1, n_models * cols))
 
 
 def peak_rss_bytes() -> int:
@@ -114,17 +129,6 @@ class SliceWorker:
         with self._lock:
             counts, self._counts = self._counts, {}
         return counts
-
-    def _chunk_rows(self, n_models: int, cols: int, rows: int, *, stats: bool) -> int:
-        """Rows per method call. On the CPU, blocks of ~CPU_CHUNK_FLOATS fp32 values over all
-        models, so the chain of elementwise ops runs in cache (measured 8x faster than whole
-        2M-element blocks), 4x that for statistics, whose per-call histograms would otherwise
-        cost as much as the data; on a GPU, the whole piece. Methods are slice-invariant, so
-        this changes no output byte."""
-        if self.device.type != "cpu":
-            return max(1, rows)
-        floats = CPU_CHUNK_FLOATS * (4 if stats else 1)
-        return max(1, floats // max(1, n_models * cols))
 
     def _workspace(self, elements: int) -> torch.Tensor:
         """A reused fp32 buffer on the device for the blocks of base and experts (no fresh
@@ -178,7 +182,7 @@ class SliceWorker:
                 t_compute += time.perf_counter() - t1
                 continue
             rows, cols = raws[0].shape
-            step = self._chunk_rows(len(raws), cols, rows, stats=task.round is not None)
+            step = chunk_rows(self.device.type, len(raws), cols, rows, stats=task.round is not None)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
                 fp32 = self._workspace(len(raws) * (r1 - r0) * cols).view(len(raws), r1 - r0, cols)
