@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder (default: $DISTMERGE_CACHE/demo or ~/.cache/distmerge/demo)")
     p.add_argument("--experts", type=int, default=4)
 
+    p = sub.add_parser("import-mergekit", help="translate a mergekit YAML into a pipeline YAML")
+    p.add_argument("config", help="mergekit YAML file (one merge)")
+    p.add_argument("-o", "--output", help="write the pipeline here (default: print it)")
+    p.add_argument("--output-path", help="the merged model's folder (output.path); default: the "
+                                         "config's out_path or a placeholder to edit")
+
     p = sub.add_parser("bench", help="generate experts of a shape, merge, print medians")
     from distmerge.bench import add_arguments
 
@@ -129,6 +135,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_import_mergekit(args) -> int:
+    from distmerge.importers.mergekit import import_mergekit
+
+    text, warnings = import_mergekit(args.config, output_path=args.output_path, out=args.output)
+    for w in warnings:
+        print(f"distmerge: warning: {w}", file=sys.stderr)
+    if args.output:
+        print(f"wrote {args.output} ({len(warnings)} warning(s))", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from distmerge.bench import run_bench
 
@@ -136,7 +155,7 @@ def cmd_bench(args) -> int:
 
 
 VERBS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect,
-         "demo": cmd_demo, "bench": cmd_bench}
+         "demo": cmd_demo, "bench": cmd_bench, "import-mergekit": cmd_import_mergekit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,6 +77,7 @@ FROZEN_FLAGS = {
     "run": ["--executor", "--memory-per-worker", "--no-progress", "--overwrite", "--slice-size", "--workers"],
     "inspect": ["--format"],
     "demo": ["--experts", "--out"],
+    "import-mergekit": ["--output", "--output-path"],
 }
 
 
