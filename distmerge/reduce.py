@@ -6,9 +6,11 @@ pick a bucket, then the low 16 bits of the entries in that bucket pick the value
 integers, so summing them over slices is exact in any order.
 
 Float statistics (norms, dot products) are made exact the same way: a method computes fp64
-sums per row (a row is never split, so these do not depend on the slicing) and turns them
-into an exact integer with :func:`exact_sum`; integers add up exactly in any order, so the
-totals never depend on the number of workers, the slice size or the order of arrival.
+sums per row with :func:`row_sums` (a fixed pairwise order; a row is never split, so these do
+not depend on the slicing — torch's own ``sum`` does, as it splits long rows across threads)
+and turns them into an exact integer with :func:`exact_sum`; or, for L1 norms, counts fp32
+significands by exponent with :func:`magnitude_bins`. Integers add up exactly in any order,
+so the totals never depend on the number of workers, the slice size or the order of arrival.
 :func:`exact_value` rounds a total back to a float once, on the driver.
 """
 
@@ -84,6 +86,42 @@ def exact_sum(values: np.ndarray | torch.Tensor) -> int:
 def exact_value(total: int) -> float:
     """The float nearest to an :func:`exact_sum` total (correctly rounded)."""
     return float(Fraction(total, 1 << EXACT_SCALE))
+
+
+def row_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim of ``x`` (fp64) in a fixed pairwise order: halves are added
+    elementwise (an odd last column joins column 0 first), so each row's sum depends only on
+    that row, never on how many rows the block has, the thread count or the device. (torch's
+    own fp64 ``sum(-1)`` is not: for rows of ≥ 32 768 values on several CPU threads it changes
+    with the block's row count.) Pass the result to :func:`distmerge.reduce.exact_sum`.
+    [..., n] → [...]"""
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        y = x[..., :h] + x[..., h:2 * h]
+        if x.shape[-1] % 2:
+            y[..., 0] += x[..., 2 * h]
+        x = y
+    return x[..., 0] if x.shape[-1] else x.new_zeros(x.shape[:-1])
+
+
+def magnitude_bins(x: torch.Tensor) -> torch.Tensor:
+    """Σ|x| for each leading index, exactly: int64 sums of the fp32 significands of |x| by
+    biased exponent (|x| = sig · 2**(max(e, 1) − 150)).  [T, ...] → int64 [T, 256]
+
+    Integer sums add up exactly in any order, so the totals do not depend on the slicing, the
+    thread count or the device. (Per-row fp64 sums do: torch splits a reduction with a single
+    output — one row of one expert — of ≥ 32 768 entries across threads.) Exact while a tensor
+    has fewer than 2**39 entries."""
+    bits = abs_bits(x).reshape(x.shape[0], -1)                          # [T, n] int32
+    e = bits >> 23                                                      # 0: zero or subnormal
+    sig = (bits & 0x7FFFFF) | ((e > 0).to(torch.int32) << 23)           # the implicit bit
+    bins = torch.zeros(x.shape[0], 256, dtype=torch.int64, device=x.device)
+    return bins.scatter_add_(1, e.long(), sig.long())
+
+
+def bins_total(bins: np.ndarray) -> int:
+    """The sum that :func:`magnitude_bins` counted, in units of 2**-149.  [256] → int"""
+    return sum(int(s) << (max(e, 1) - 1) for e, s in enumerate(bins.tolist()) if s)
 
 
 def is_exact(arr: np.ndarray) -> bool:

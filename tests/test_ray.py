@@ -5,7 +5,6 @@ actors reach the driver as the same class."""
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from distmerge.config import load_pipeline

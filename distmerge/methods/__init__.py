@@ -13,12 +13,26 @@ from typing import Any
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import Block, Method
+from distmerge.methods.breadcrumbs import Breadcrumbs
+from distmerge.methods.consensus import Consensus
+from distmerge.methods.dare import DareLinear, DareTies
+from distmerge.methods.della import Della
 from distmerge.methods.linear import Linear
+from distmerge.methods.lines import wrap as wrap_lines
+from distmerge.methods.model_stock import ModelStock
+from distmerge.methods.slerp import Slerp
 from distmerge.methods.task_arithmetic import TaskArithmetic
 from distmerge.methods.ties import Ties
 
 REGISTRY: dict[str, type[Method]] = {
+    "breadcrumbs": Breadcrumbs,
+    "consensus": Consensus,
+    "dare_linear": DareLinear,
+    "dare_ties": DareTies,
+    "della": Della,
     "linear": Linear,
+    "model_stock": ModelStock,
+    "slerp": Slerp,
     "task_arithmetic": TaskArithmetic,
     "ties": Ties,
 }
@@ -88,7 +102,7 @@ class MethodSet:
             try:
                 m.check_weights(weights)
             except ValueError as err:
-                raise ConfigError(f"experts: weight: {err}") from None
+                raise ConfigError(f"experts: {err}") from None
 
     def all(self) -> list[Method]:
         return [self.default] + [m for _, m in self.overrides]
@@ -118,6 +132,9 @@ def build(name: str, params: dict[str, Any],
           overrides: list[tuple[str, dict[str, Any]]] = ()) -> MethodSet:
     """The method named ``name`` with ``params``, and one instance per override.
 
+    A ``lines`` block in ``params`` (the LiNeS modifier, :mod:`distmerge.methods.lines`) wraps
+    the method and every override's instance.
+
     Raises:
         ConfigError: unknown method or parameter, wrong type or impossible value (the message
             names the key, e.g. ``method.density`` or ``overrides[0].density``).
@@ -125,9 +142,18 @@ def build(name: str, params: dict[str, Any],
     cls = REGISTRY.get(name)
     if cls is None:
         raise ConfigError(f"method.name: unknown method {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    params = dict(params)
+    has_lines, lines = "lines" in params, params.pop("lines", None)
+    for i, (_, p) in enumerate(overrides):
+        if "lines" in p:
+            raise ConfigError(f"overrides[{i}].lines: set lines once, in the method block; "
+                              "it applies to every override")
     default = _make(cls, params, "method")
     resolved = [
         (pattern, _make(cls, p, f"overrides[{i}]", base=default))
         for i, (pattern, p) in enumerate(overrides)
     ]
+    if has_lines:
+        default = wrap_lines(default, lines)
+        resolved = [(pattern, wrap_lines(m, lines)) for pattern, m in resolved]
     return MethodSet(default, resolved)

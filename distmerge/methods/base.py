@@ -91,3 +91,22 @@ def weighted_sum(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
 def task_vectors(block: Block) -> torch.Tensor:
     """τ_t = θ_t − θ₀.  [T, rows, cols]"""
     return block.experts - block.base.unsqueeze(0)
+
+
+def disjoint_mean(trimmed: torch.Tensor, weights: tuple[float, ...], *, majority: float = 1.0) -> torch.Tensor:
+    """TIES elect + disjoint mean (METHODS.md "TIES exactly"): the sign of Σ_t w_t τ̂_t, or
+    ``majority`` where that sum is exactly 0; then Σ_t w_t τ̂_t agree_t / Σ_t w_t agree_t (0 where
+    no expert agrees). With the elected sign s = ±1, τ̂_t agrees ⇔ τ̂_t · s > 0, and the agreeing
+    entries sum to s · Σ_t w_t |τ̂_t| (negation is exact, so this is bit for bit the formula).
+    Overwrites ``trimmed``.  [T, rows, cols] → τ_m [rows, cols]"""
+    total = weighted_sum(trimmed, weights)                              # [rows, cols]
+    elected = torch.sign(total).masked_fill_(total == 0, majority)     # ±1
+    aligned = trimmed.mul_(elected)                                     # [T, rows, cols]
+    agree = aligned > 0
+    aligned.clamp_min_(0)
+    num = weighted_sum(aligned, weights)
+    if all(w == 1.0 for w in weights):
+        den = agree.sum(0, dtype=torch.int32).to(num.dtype)            # a count: exact in any order
+    else:
+        den = weighted_sum(agree.to(num.dtype), weights)
+    return torch.where(den != 0, num.div_(den).mul_(elected), 0.0)

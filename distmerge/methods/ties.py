@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from distmerge.methods.base import Block, Method, Partial, task_vectors, weighted_sum
+from distmerge.methods.base import Block, Method, Partial, disjoint_mean, task_vectors, weighted_sum
 from distmerge.reduce import abs_bits, bits_to_float, histogram16, select_bucket
 
 ROUND_HIGH, ROUND_LOW, ROUND_SIGN = 0, 1, 2
@@ -119,18 +119,6 @@ class Ties(Method):
 
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         c = ctx[self.group(block.name)]
-        trimmed, total = self._trim_elect(block, c)
-        elected = torch.sign(total).masked_fill_(total == 0, c["majority"])   # [rows, cols], ±1
-        # With elected = ±1: τ̂_t agrees ⇔ τ̂_t · elected > 0, and the agreeing entries summed
-        # are elected · Σ_t w_t |τ̂_t| (negation is exact, so this is bit-for-bit the
-        # disjoint mean of METHODS.md).
-        aligned = trimmed.mul_(elected)                             # [T, rows, cols]
-        agree = aligned > 0
-        aligned.clamp_min_(0)
-        num = weighted_sum(aligned, block.weights)
-        if all(w == 1.0 for w in block.weights):
-            den = agree.sum(0, dtype=torch.int32).to(num.dtype)     # a count: exact in any order
-        else:
-            den = weighted_sum(agree.to(num.dtype), block.weights)
-        merged = torch.where(den != 0, num.div_(den).mul_(elected), 0.0)
+        trimmed, _ = self._trim_elect(block, c)
+        merged = disjoint_mean(trimmed, block.weights, majority=c["majority"])
         return block.base + merged * self.scale if self.scale != 1.0 else block.base + merged
