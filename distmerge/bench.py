@@ -237,11 +237,13 @@ def peak_rss() -> int:
 # -- merges ------------------------------------------------------------------------------------
 def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.Namespace):
     from distmerge.config import parse_pipeline
+    from distmerge.methods import REGISTRY
 
+    n = REGISTRY[method].exact_experts if method in REGISTRY else None   # slerp: 2
     return parse_pipeline({
         "name": f"bench-{method}".replace("_", "-"),
         "base": str(folders[0]),
-        "experts": [{"path": str(f), "weight": 1.0} for f in folders[1:]],
+        "experts": [{"path": str(f), "weight": 1.0} for f in folders[1:][:n]],
         "method": dict(METHOD_SPECS.get(method, {"name": method})),
         "output": {"path": str(dest), "dtype": DTYPE, "shard_size": args.shard_size,
                    "overwrite": True},
