@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray (default; embedded local Ray when ray.address is null) or local (in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--resume", action="store_true",
+                   help="continue this pipeline's interrupted run from its staging folder (verified "
+                        "slices are skipped); starts a new run when there is none")
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint (headers only)")
     p.add_argument("path", help="model folder, .safetensors file or URL")
@@ -53,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the pipeline here (default: print it)")
     p.add_argument("--output-path", help="the merged model's folder (output.path); default: the "
                                          "config's out_path or a placeholder to edit")
+
+    p = sub.add_parser("compress", help="store a consensus pipeline's experts as tau_MTL + one TALL "
+                                        "bit mask per expert (one process)")
+    _pipeline_args(p)
+
+    p = sub.add_parser("extract", help="rebuild one expert from a compressed folder")
+    p.add_argument("compressed", help="folder written by distmerge compress")
+    p.add_argument("expert", metavar="NAME_OR_INDEX",
+                   help="the expert's index (0-based, pipeline order), its path as in the pipeline, "
+                        "or its folder's name")
+    p.add_argument("--out", required=True, help="folder to write the rebuilt expert to")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="float tensors' dtype (default: the base's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--reference", metavar="EXPERT_PATH",
+                   help="the real expert: print the relative error of the rebuilt one per tensor")
 
     p = sub.add_parser("bench", help="generate experts of a shape, merge, print medians")
     from distmerge.bench import add_arguments
@@ -104,7 +123,8 @@ def cmd_run(args) -> int:
     from distmerge.engine.driver import run_pipeline
 
     pipeline = _load(args)
-    summary = run_pipeline(pipeline, executor=args.executor, show_progress=not args.no_progress)
+    summary = run_pipeline(pipeline, executor=args.executor, show_progress=not args.no_progress,
+                           resume=args.resume)
     print("\n".join(summary.lines()))
     return 0
 
@@ -148,6 +168,25 @@ def cmd_import_mergekit(args) -> int:
     return 0
 
 
+def cmd_compress(args) -> int:
+    from distmerge.compress import compress
+
+    pipeline = _load(args)
+    if args.workers:
+        log.info("compress runs in this one process; --workers is not used")
+    print("\n".join(compress(pipeline).lines()))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from distmerge.compress import extract
+
+    summary = extract(args.compressed, args.expert, args.out, dtype=args.dtype,
+                      overwrite=args.overwrite, reference=args.reference)
+    print("\n".join(summary.lines()))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from distmerge.bench import run_bench
 
@@ -155,7 +194,8 @@ def cmd_bench(args) -> int:
 
 
 VERBS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect,
-         "demo": cmd_demo, "bench": cmd_bench, "import-mergekit": cmd_import_mergekit}
+         "demo": cmd_demo, "bench": cmd_bench, "import-mergekit": cmd_import_mergekit,
+         "compress": cmd_compress, "extract": cmd_extract}
 
 
 def main(argv: list[str] | None = None) -> int:

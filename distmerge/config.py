@@ -11,6 +11,8 @@ A pipeline YAML looks like::
     output: {path: path-or-URL, dtype: bfloat16, shard_size: 2GB, overwrite: false}
     resources: {workers: 2, gpus_per_worker: 0, memory_per_worker: 2GB}
     ray: {address: null}
+    storage: {s3: {endpoint_url: null, region: null, anonymous: false,
+                   key_env: AWS_ACCESS_KEY_ID, secret_env: AWS_SECRET_ACCESS_KEY}}
 
 The method block and overrides carry method parameters; their names and types are checked
 against the method's own parameter dataclass by :func:`distmerge.methods.build`, which the
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distmerge.errors import ConfigError
 
@@ -142,6 +144,71 @@ class RayConfig(_Strict):
     address: str | None = None
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class S3Storage(_Strict):
+    """How ``s3://`` URLs are opened (AWS or any S3-compatible endpoint).
+
+    Credentials are given only by the NAMES of environment variables; every process that opens
+    a URL (the driver and each worker) reads them from its own environment. Without
+    ``key_env``/``secret_env`` (and not ``anonymous``), the default AWS credential chain of
+    each process is used (``AWS_ACCESS_KEY_ID``..., ``AWS_PROFILE``, an instance role).
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    anonymous: bool = False
+    key_env: str | None = None
+    secret_env: str | None = None
+    token_env: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v
+
+    @field_validator("key_env", "secret_env", "token_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        # The message never repeats the value: a secret pasted here must not reach a log.
+        if v is not None and not _ENV_NAME.fullmatch(v):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, "
+                             "'_'), never the credential itself")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs(self) -> "S3Storage":
+        if (self.key_env is None) != (self.secret_env is None):
+            raise ValueError("key_env and secret_env go together")
+        if self.token_env is not None and self.key_env is None:
+            raise ValueError("token_env needs key_env and secret_env")
+        if self.anonymous and self.key_env is not None:
+            raise ValueError("anonymous access takes no credentials (key_env/secret_env)")
+        return self
+
+
+class StorageConfig(_Strict):
+    """Options for models behind URLs. Holds no secret, so it travels to workers as is.
+
+    ``concurrency``: ranged requests in flight per process; ``part_size``: a larger range is
+    fetched as parts of this size in parallel; ``attempts``: tries per request on transient
+    errors (5xx, timeouts, connection resets), with exponential backoff.
+    """
+
+    s3: S3Storage = Field(default_factory=S3Storage)
+    concurrency: int = Field(default=32, ge=1, le=512)
+    part_size: int = Field(default=8 * 2**20)
+    attempts: int = Field(default=5, ge=1, le=20)
+
+    @field_validator("part_size", mode="before")
+    @classmethod
+    def _part(cls, v: Any) -> int:
+        return parse_size(v)
+
+
 class Pipeline(_Strict):
     name: str = "merge"
     base: str
@@ -151,6 +218,7 @@ class Pipeline(_Strict):
     output: Output
     resources: Resources = Field(default_factory=Resources)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @field_validator("base")
     @classmethod

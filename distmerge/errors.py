@@ -16,6 +16,8 @@ class DistmergeError(Exception):
     """Base class of every error distmerge raises on purpose."""
 
     exit_code = 1
+    # whether another worker may succeed where this one failed (the engine's retry policy)
+    retryable = False
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -71,3 +73,18 @@ class MergeFailedError(DistmergeError, RuntimeError):
     The destination is left as it was."""
 
     exit_code = 8
+
+
+class AccessDeniedError(DistmergeError, PermissionError):
+    """The store refused a request (HTTP 401/403: no permission, wrong or expired credentials).
+    Exit code 3, like a missing source: the run cannot read one of its inputs."""
+
+    exit_code = 3
+
+
+class StorageUnavailableError(DistmergeError, OSError):
+    """Transient storage failures (5xx, timeouts, resets) outlasted every attempt. Retryable:
+    the engine may still give the slice to another worker."""
+
+    exit_code = 9
+    retryable = True

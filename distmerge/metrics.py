@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distmerge")
 
-STAGES = ("validate", "plan", "stats", "merge", "gather", "publish")
+STAGES = ("validate", "plan", "resume", "stats", "merge", "gather", "publish")
 
 
 class RunMetrics:

@@ -74,10 +74,13 @@ def test_cli_overrides_reach_the_pipeline(tmp_path, tiny_models):
 FROZEN_FLAGS = {
     "validate": ["--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
     "plan": ["--format", "--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
-    "run": ["--executor", "--memory-per-worker", "--no-progress", "--overwrite", "--slice-size", "--workers"],
+    "run": ["--executor", "--memory-per-worker", "--no-progress", "--overwrite", "--resume",
+            "--slice-size", "--workers"],
     "inspect": ["--format"],
     "demo": ["--experts", "--out"],
     "import-mergekit": ["--output", "--output-path"],
+    "compress": ["--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
+    "extract": ["--dtype", "--out", "--overwrite", "--reference"],
 }
 
 

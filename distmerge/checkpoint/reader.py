@@ -1,9 +1,14 @@
 """Ranged reads of tensor rows into preallocated buffers.
 
 A :class:`RangeReader` lives in one worker: it opens files lazily (never sharing filesystem
-objects across processes), reads a row block of one tensor of one model as one ranged request
-into a buffer it reuses, and views the bytes as a tensor without a copy. Local files are read
-with ``os.preadv`` straight into the buffer; other fsspec URLs with ``cat_file(start, end)``.
+objects across processes), reads a row block of one tensor of one model into a buffer it
+reuses, and views the bytes as a tensor without a copy. Local files are read with
+``os.preadv`` straight into the buffer. Other fsspec URLs are opened with the run's storage
+options (:mod:`distmerge.checkpoint.storage`); a range is split into parts of
+``storage.part_size`` bytes fetched in parallel with ``cat_file(start, end)`` on the process's
+request pool (at most ``storage.concurrency`` requests in flight, whichever threads ask), each
+part retried on transient errors and checked: an error, or a part shorter than asked, fails the
+read with a message naming the URL.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 
 from distmerge.checkpoint.header import TensorInfo
 from distmerge.checkpoint.source import is_local, local_path, open_fs
+from distmerge.checkpoint.storage import active_storage, call_with_retries, request_pool, split_range
+from distmerge.config import StorageConfig
 from distmerge.errors import SourceNotFoundError, UnsafeCheckpointError
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -29,9 +36,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 class RangeReader:
     """Reads row blocks into reusable buffers, one per slot (model); one reader per slice in
-    flight, shared by the threads reading that slice's models in parallel."""
+    flight, shared by the threads reading that slice's models in parallel.
 
-    def __init__(self) -> None:
+    ``storage``: the options for non-local URLs (the Job's, in a worker); default the options
+    active in this process."""
+
+    def __init__(self, storage: StorageConfig | None = None) -> None:
+        self.storage = storage
         self._fds: dict[str, int] = {}
         self._fs: dict[str, tuple] = {}
         self._buffers: dict[int, torch.Tensor] = {}
@@ -78,17 +89,34 @@ class RangeReader:
                     )
                 done += n
             return
+        self._read_remote(url, start, stop, view)
+
+    def _read_remote(self, url: str, start: int, stop: int, view: memoryview) -> None:
+        storage = self.storage if self.storage is not None else active_storage()
         with self._lock:
             if url not in self._fs:
-                self._fs[url] = open_fs(url)
+                self._fs[url] = open_fs(url, storage)
             fs, path = self._fs[url]
+
+        def fetch(a: int, b: int) -> bytes:
+            return call_with_retries(lambda: fs.cat_file(path, start=a, end=b), url=url,
+                                     storage=storage)
+
+        parts = split_range(start, stop, storage.part_size)
+        pool = request_pool(storage.concurrency)
+        futures = [pool.submit(fetch, a, b) for a, b in parts]
         try:
-            data = fs.cat_file(path, start=start, end=stop)
-        except FileNotFoundError:
-            raise SourceNotFoundError(f"shard not found: {url}") from None
-        if len(data) != stop - start:
-            raise UnsafeCheckpointError(f"{url}: short read at bytes {start}..{stop} (truncated shard)")
-        view[:] = data
+            for (a, b), fut in zip(parts, futures):
+                data = fut.result()
+                if len(data) != b - a:
+                    raise UnsafeCheckpointError(
+                        f"{url}: short read at bytes {a}..{b} ({len(data)} bytes; truncated shard)"
+                    )
+                view[a - start:b - start] = data
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
     def read_rows(self, slot: int, url: str, info: TensorInfo, row_start: int, row_stop: int) -> torch.Tensor:
         """Rows ``[row_start, row_stop)`` of a tensor as a ``[rows, cols]`` tensor of its own dtype

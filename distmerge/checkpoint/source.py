@@ -6,6 +6,12 @@ A path to a single ``.safetensors`` file is a model too. Pickle checkpoints (``.
 ``.pth``, ``.ckpt``) are refused: loading them runs arbitrary code.
 
 Only headers are read here, by ranged reads (8 bytes, then the JSON), many shards at once.
+
+Every URL is opened with the storage options of the run (:mod:`distmerge.checkpoint.storage`:
+explicit ``storage=`` arguments, else those the driver activated for this process), and every
+request goes through its retry policy, so a missing object is a :class:`SourceNotFoundError`
+and a refused one an :class:`~distmerge.errors.AccessDeniedError`, each naming
+the URL.
 """
 
 from __future__ import annotations
@@ -20,7 +26,18 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from distmerge.checkpoint.header import TensorInfo, header_length, parse_header
+from distmerge.checkpoint.storage import (
+    active_storage,
+    call_with_retries,
+    filesystem,
+    protocol_of,
+    use_storage,
+)
+from distmerge.config import StorageConfig
 from distmerge.errors import SourceNotFoundError, UnsafeCheckpointError
+
+__all__ = ["ModelHeaders", "list_shards", "open_fs", "read_header",
+           "read_model_headers", "use_storage"]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -35,17 +52,45 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """A filesystem for ``url`` and the path inside it (a fresh object per call site; never
-    rely on fsspec's global instance cache across processes)."""
+EXTRAS = {"s3": "s3fs (pip install 'distmerge[s3]')", "s3a": "s3fs (pip install 'distmerge[s3]')",
+          "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub"}
+
+
+def open_fs(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """This process's filesystem for ``url`` (built here with ``storage``'s options, default
+    the process's active ones; never fsspec's instance cache, never sent to another process)
+    and the path inside it.
+
+    Raises:
+        SourceNotFoundError: no fsspec backend for the URL's scheme.
+        ConfigError: a credential variable named by the storage options is not set here.
+    """
+    storage = storage if storage is not None else active_storage()
+    protocol = protocol_of(url)
     try:
-        return url_to_fs(url)
+        if "::" in url:                              # a chained URL: fsspec's own parsing
+            return url_to_fs(url)
+        fs = filesystem(protocol, storage)
+        return fs, fs._strip_protocol(url)
     except (ImportError, ValueError) as err:
-        scheme = url.split("://", 1)[0]
         raise SourceNotFoundError(
-            f"cannot open {url}: no filesystem for {scheme}:// ({err}); install the fsspec "
-            f"backend for it (s3fs for s3://, gcsfs for gs://)"
+            f"cannot open {url}: no filesystem for {protocol}:// ({err}); install its fsspec "
+            f"backend ({EXTRAS.get(protocol, 'see fsspec.available_protocols()')})"
         ) from None
+
+
+def _call(fn, url: str, storage: StorageConfig | None, what: str = "reading"):
+    return call_with_retries(fn, url=url, storage=storage if storage is not None else active_storage(),
+                             what=what)
+
+
+def _info(fs: fsspec.AbstractFileSystem, path: str, url: str, storage: StorageConfig | None) -> dict | None:
+    """``fs.info(path)``, or None when nothing is there (unlike ``isfile``/``isdir``, which
+    answer False to a refused request too)."""
+    try:
+        return _call(lambda: fs.info(path), url, storage)
+    except SourceNotFoundError:
+        return None
 
 
 def join(url: str, name: str) -> str:
@@ -105,30 +150,35 @@ def _check_inside(folder: str, file_url: str) -> None:
         )
 
 
-def list_shards(url: str) -> tuple[tuple[str, ...], dict[str, str] | None]:
+def list_shards(url: str, *, storage: StorageConfig | None = None) -> tuple[tuple[str, ...], dict[str, str] | None]:
     """The shard URLs of the model at ``url`` in a stable order, and its index's weight_map
     (tensor -> shard URL) when it has one.
 
     Raises:
         SourceNotFoundError: no such model, or a shard named by the index is missing.
+        AccessDeniedError: the store refused a request.
         UnsafeCheckpointError: only pickle files, or an index naming files outside the folder.
     """
-    fs, path = open_fs(url)
+    fs, path = open_fs(url, storage)
     if url.lower().endswith(PICKLE_SUFFIXES):
         _refuse_pickle(url, [posixpath.basename(path)])
+    info = _info(fs, path, url, storage)
     if url.endswith(".safetensors"):
-        if not fs.isfile(path):
+        if info is None or info.get("type") != "file":
             raise SourceNotFoundError(f"model file not found: {url}")
         return (url,), None
-    if not fs.isdir(path):
+    if info is None or info.get("type") != "directory":
         raise SourceNotFoundError(f"model not found: {url} (no such folder)")
-    names = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+    names = sorted(posixpath.basename(p.rstrip("/"))
+                   for p in _call(lambda: fs.ls(path, detail=False), url, storage, "listing"))
     if INDEX_NAME in names:
         index_url = join(url, INDEX_NAME)
-        if fs.size(join(path, INDEX_NAME)) > MAX_INDEX_BYTES:
+        index_path = join(path, INDEX_NAME)
+        if _call(lambda: fs.size(index_path), index_url, storage) > MAX_INDEX_BYTES:
             raise UnsafeCheckpointError(f"{index_url}: index file over {MAX_INDEX_BYTES} bytes")
+        raw = _call(lambda: fs.cat_file(index_path), index_url, storage)
         try:
-            weight_map = json.loads(fs.cat_file(join(path, INDEX_NAME)))["weight_map"]
+            weight_map = json.loads(raw)["weight_map"]
         except (ValueError, KeyError, TypeError, RecursionError):
             weight_map = None
         if not isinstance(weight_map, dict):
@@ -136,9 +186,12 @@ def list_shards(url: str) -> tuple[tuple[str, ...], dict[str, str] | None]:
                 f"{index_url}: not a valid index (expected JSON with a weight_map object)"
             )
         files = sorted({_check_shard_name(url, n) for n in weight_map.values()})
+        present = set(names)
         for name in files:
-            if not fs.isfile(join(path, name)):
-                raise SourceNotFoundError(f"{index_url} names {name}, which is missing")
+            if name not in present:
+                shard = _info(fs, join(path, name), join(url, name), storage)
+                if shard is None or shard.get("type") != "file":
+                    raise SourceNotFoundError(f"{index_url} names {name}, which is missing")
             _check_inside(url, join(url, name))
         return tuple(join(url, n) for n in files), {t: join(url, n) for t, n in weight_map.items()}
     st = [n for n in names if n.endswith(".safetensors")]
@@ -151,35 +204,41 @@ def list_shards(url: str) -> tuple[tuple[str, ...], dict[str, str] | None]:
     return tuple(join(url, n) for n in st), None
 
 
-def read_header(shard_url: str) -> dict[str, TensorInfo]:
+def read_header(shard_url: str, *, storage: StorageConfig | None = None) -> dict[str, TensorInfo]:
     """Read one shard's header by two ranged reads.
 
     Raises:
-        SourceNotFoundError, UnsafeCheckpointError
+        SourceNotFoundError, AccessDeniedError, UnsafeCheckpointError
     """
-    fs, path = open_fs(shard_url)
-    try:
-        size = fs.size(path)
-        prefix = fs.cat_file(path, start=0, end=8)
-        n = header_length(prefix, file_size=size, where=shard_url)
-        raw = fs.cat_file(path, start=8, end=8 + n)
-    except FileNotFoundError:
-        raise SourceNotFoundError(f"shard not found: {shard_url}") from None
+    fs, path = open_fs(shard_url, storage)
+    size = _call(lambda: fs.size(path), shard_url, storage)
+    if size is None:
+        raise SourceNotFoundError(f"shard not found: {shard_url}")
+    prefix = _call(lambda: fs.cat_file(path, start=0, end=min(8, size)), shard_url, storage)
+    n = header_length(prefix, file_size=size, where=shard_url)
+    raw = _call(lambda: fs.cat_file(path, start=8, end=8 + n), shard_url, storage)
     if len(raw) != n:
         raise UnsafeCheckpointError(f"{shard_url}: header shorter than its length field")
     tensors, _ = parse_header(raw, file_size=size, where=shard_url)
     return tensors
 
 
-def read_model_headers(url: str, *, pool: ThreadPoolExecutor | None = None) -> ModelHeaders:
+def read_model_headers(url: str, *, pool: ThreadPoolExecutor | None = None,
+                       storage: StorageConfig | None = None) -> ModelHeaders:
     """List the shards of one model and read every header (in parallel when given a pool).
 
     Raises:
-        SourceNotFoundError, UnsafeCheckpointError: as the model is missing or unsafe; a tensor
-            present in two shards, or an index that disagrees with the headers, is refused too.
+        SourceNotFoundError, AccessDeniedError, UnsafeCheckpointError: as the model is missing,
+            refused or unsafe; a tensor present in two shards, or an index that disagrees with
+            the headers, is refused too.
     """
-    shards, weight_map = list_shards(url)
-    headers = list(pool.map(read_header, shards)) if pool else [read_header(s) for s in shards]
+    storage = storage if storage is not None else active_storage()   # the pool's threads too
+    shards, weight_map = list_shards(url, storage=storage)
+
+    def one(shard: str) -> dict[str, TensorInfo]:
+        return read_header(shard, storage=storage)
+
+    headers = list(pool.map(one, shards)) if pool else [one(s) for s in shards]
     tensors: dict[str, tuple[str, TensorInfo]] = {}
     for shard, header in zip(shards, headers):
         for name, info in header.items():

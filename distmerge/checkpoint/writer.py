@@ -1,12 +1,36 @@
 """The output checkpoint: a staging folder of preallocated shards, completed and published
-atomically.
+atomically, and resumable after the driver dies.
 
 Driver side (:class:`StagedOutput`): refuse a destination that exists (without ``overwrite``)
 or lies inside a source; create a staging folder beside the destination (same filesystem, so
 the final rename is atomic) holding every shard at its final size with its header written;
 after the merge pass write the index json, copy config and tokenizer files from the base,
 verify every planned byte against the workers' checksums, and rename the folder into place.
-On failure the staging folder is removed and the destination is left as it was.
+Nothing is visible at the destination before that rename.
+
+Resumable runs (:meth:`StagedOutput.prepare`). A run's staging folder is named after the
+destination and the run's identity, ``.<dest>.distmerge-staging-<digest[:16]>``, where the
+digest is the sha256 of everything that decides the output bytes (see
+:func:`distmerge.checkpoint.state.identity_digest`). Beside the shards it holds the run's state, which lives nowhere else
+(not in memory, not in Ray), so the same command run again on a new cluster finds it:
+
+- ``plan.json``: the staging format, the full digest and the identity it was computed from
+  (so a refusal can say what changed); written last when the folder is created, so a folder
+  without it holds no finished work.
+- ``manifest.jsonl``: one JSON line per finished merge slice, ``{"slice", "shard", "start",
+  "stop", "crc32"}`` (the crc32 its worker computed over the bytes it wrote), appended and
+  fdatasync'ed as each slice's report reaches the driver. A torn last line is ignored.
+- ``stats.json``: after each statistics round, the reduced context (the only state carried
+  between rounds) in a tagged, exact JSON encoding (:mod:`distmerge.checkpoint.state`; no pickle), with its
+  sha256. A resumed run restarts the statistics at the first round not saved.
+
+Without ``resume`` any staging folder of the destination is refused (never reused, never
+deleted). With ``resume`` the folder of the same identity is reopened: every recorded slice's
+bytes are read back and checked against their crc32 (a mismatch is redone), finished slices
+are skipped; a staging folder of another identity is refused with what changed. The state
+files are removed just before the final rename, so the published folder holds only the model.
+Whether a failed run keeps its staging folder is the driver's policy
+(:func:`distmerge.engine.driver.keeps_staging`); :meth:`StagedOutput.abort` removes it.
 
 Worker side (:class:`ShardWriter`): positional writes of a slice's bytes at their planned
 offset. A slice always writes the same bytes at the same place, so a retried slice is harmless.
@@ -17,25 +41,38 @@ differently (multipart completion, one commit) and plug in beside this class.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import posixpath
+import re
 import shutil
 import threading
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from distmerge.checkpoint.header import header_length, parse_header
 from distmerge.checkpoint.source import INDEX_NAME, is_local, local_path, open_fs
+from distmerge.checkpoint.state import decode_state, encode_state, identity_digest
 from distmerge.errors import ConfigError, DestinationError, MergeFailedError
-from distmerge.plan import Plan
+from distmerge.plan import Plan, Slice
 
 log = logging.getLogger(__name__)
 
 # Files beside the weights that a merged model needs to load and tokenize like its base.
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 MAX_COPIED_BYTES = 50 * 10**6
+
+STAGING_FORMAT = 1
+STAGING_MARK = ".distmerge-staging-"
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.jsonl"
+STATS_FILE = "stats.json"
+STATE_FILES = (STATS_FILE, MANIFEST_FILE, PLAN_FILE)     # removed in this order before publishing
+MAX_STATE_BYTES = 1 << 30
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -75,25 +112,213 @@ def check_destination(dest: str, *, overwrite: bool, sources: list[str]) -> None
 
 
 class StagedOutput:
-    """The output of one run, from staging to publication (driver side)."""
+    """The output of one run, from staging to publication (driver side).
+
+    ``StagedOutput(dest).create(plan)`` is a one-off staging folder (random name, no resume
+    state); :meth:`prepare` is the resumable one a merge run uses.
+    """
 
     def __init__(self, dest: str, *, run_id: str | None = None):
         self.dest = os.path.realpath(local_path(dest))
         parent, name = os.path.split(self.dest)
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self.staging = os.path.join(parent, f".{name}.distmerge-staging-{self.run_id}")
+        self.staging = os.path.join(parent, f".{name}{STAGING_MARK}{self.run_id}")
+        self.identity: dict[str, Any] | None = None
+        self.digest: str | None = None
+        self.resumed = False                  # reopened an interrupted run's folder
+        self._manifest_fd: int | None = None
 
     def shard_path(self, filename: str) -> str:
         return os.path.join(self.staging, filename)
 
+    # -- opening a run's staging folder -------------------------------------------------------
+    @classmethod
+    def prepare(cls, dest: str, plan: Plan, identity: dict[str, Any], *, resume: bool) -> "StagedOutput":
+        """The staging folder of the run whose identity is ``identity``: created, or (with
+        ``resume``) the interrupted run's reopened. Check :attr:`resumed`, then
+        :meth:`recorded_slices` and :meth:`load_stats` for what it had finished.
+
+        Raises:
+            DestinationError: without ``resume``, a staging folder of this destination exists;
+                with it, the only staging folders are another pipeline's (or hold no state).
+        """
+        digest = identity_digest(identity)
+        out = cls(dest, run_id=digest[:16])
+        out.identity, out.digest = identity, digest
+        found = staging_folders(dest)
+        others = [p for p in found if p != out.staging]
+        if not resume:
+            refuse_existing_staging(dest)
+        elif os.path.isdir(out.staging) and os.path.exists(os.path.join(out.staging, PLAN_FILE)):
+            out._reopen(plan)
+            if others:
+                log.warning("resuming %s; other staging folders of this destination are left "
+                            "as they are: %s", out.staging, ", ".join(others))
+            return out
+        elif others:
+            raise DestinationError(_changed_message(out.dest, others, identity))
+        elif os.path.isdir(out.staging):
+            # created but interrupted before plan.json (written last): it holds nothing finished
+            log.warning("%s was interrupted while being created; creating it again", out.staging)
+            shutil.rmtree(out.staging)
+        else:
+            log.info("nothing to resume for %s: starting a new run", out.dest)
+        out.create(plan)
+        return out
+
     def create(self, plan: Plan) -> None:
-        """Make the staging folder with every shard at its final size, header written."""
+        """Make the staging folder with every shard at its final size, header written; for a
+        resumable run (one from :meth:`prepare`), an empty manifest, then ``plan.json`` last."""
         os.makedirs(os.path.dirname(self.dest), exist_ok=True)
         os.makedirs(self.staging)
         for shard in plan.shards:
             with open(self.shard_path(shard.filename), "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
+        if self.identity is None:
+            return
+        for shard in plan.shards:                   # the headers are durable before any slice
+            _fsync_file(self.shard_path(shard.filename))
+        self._open_manifest()
+        _write_atomic(os.path.join(self.staging, PLAN_FILE), json.dumps({
+            "format": STAGING_FORMAT, "digest": self.digest, "identity": self.identity,
+            "slices": len(plan.slices), "shards": [s.filename for s in plan.shards],
+        }, indent=1, sort_keys=True).encode())
+
+    def _reopen(self, plan: Plan) -> None:
+        state = _read_plan_file(self.staging)
+        if state is None or state.get("digest") != self.digest:
+            raise DestinationError(_changed_message(self.dest, [self.staging], self.identity or {}))
+        for shard in plan.shards:                  # a lost or resized shard: its slices fail crc
+            path = self.shard_path(shard.filename)
+            mode = "r+b" if os.path.exists(path) else "w+b"
+            with open(path, mode) as f:
+                f.seek(0)
+                if f.read(len(shard.header)) != shard.header:
+                    f.seek(0)
+                    f.write(shard.header)
+                if os.fstat(f.fileno()).st_size != shard.size:
+                    log.warning("%s: staged shard had the wrong size; its slices are redone", path)
+                    f.truncate(shard.size)
+        self._open_manifest()
+        self.resumed = True
+
+    # -- the manifest of finished merge slices -------------------------------------------------
+    def _open_manifest(self) -> None:
+        path = os.path.join(self.staging, MANIFEST_FILE)
+        self._manifest_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self._manifest_fd).st_size
+        if size:
+            with open(path, "rb") as f:                # end a torn last line before appending
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self._manifest_fd, b"\n")
+        _fsync_dir(self.staging)
+
+    def record(self, s: Slice, crc32: int) -> None:
+        """Append one finished merge slice to the manifest, durably (fdatasync)."""
+        if self._manifest_fd is None:
+            return
+        line = json.dumps({"slice": s.index, "shard": s.shard, "start": s.start, "stop": s.stop,
+                           "crc32": crc32}, separators=(",", ":")) + "\n"
+        os.write(self._manifest_fd, line.encode())
+        getattr(os, "fdatasync", os.fsync)(self._manifest_fd)
+
+    def recorded_slices(self, plan: Plan) -> dict[int, int]:
+        """slice index -> crc32 of every finished slice the manifest records (the last line of
+        a slice wins). Lines that do not parse, or that disagree with the plan's slice, are
+        ignored (their slices are redone)."""
+        path = os.path.join(self.staging, MANIFEST_FILE)
+        if not os.path.exists(path):
+            return {}
+        if os.path.getsize(path) > MAX_STATE_BYTES:
+            raise MergeFailedError(f"{path}: over {MAX_STATE_BYTES} bytes; not a manifest of ours")
+        out: dict[int, int] = {}
+        ignored = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw)
+                    i, crc = rec["slice"], rec["crc32"]
+                    s = plan.slices[i] if isinstance(i, int) and 0 <= i < len(plan.slices) else None
+                    if (s is None or not isinstance(crc, int) or not 0 <= crc < 2**32
+                            or (rec["shard"], rec["start"], rec["stop"]) != (s.shard, s.start, s.stop)):
+                        raise ValueError(raw)
+                except (ValueError, KeyError, TypeError):
+                    ignored += raw.strip() != b""
+                    continue
+                out[i] = crc
+        if ignored:
+            log.warning("%s: %d unreadable line(s) ignored (their slices are redone)", path, ignored)
+        return out
+
+    def check_slices(self, plan: Plan, checksums: dict[int, int], *,
+                     threads: int = 8) -> tuple[dict[int, int], list[int]]:
+        """Read back each slice of ``checksums`` and compare its crc32. Returns (the slices
+        whose bytes match, the indices of those that do not)."""
+        by_shard: dict[int, list[Slice]] = {}
+        for i in sorted(checksums):
+            by_shard.setdefault(plan.slices[i].shard, []).append(plan.slices[i])
+
+        def one(si: int) -> list[tuple[int, bool]]:
+            path = self.shard_path(plan.shards[si].filename)
+            return [(s.index, crc == checksums[s.index]) for s, crc in _slice_crcs(path, by_shard[si])]
+
+        good: dict[int, int] = {}
+        bad: list[int] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_shard)))) as pool:
+            for results in pool.map(one, sorted(by_shard)):
+                for i, ok in results:
+                    if ok:
+                        good[i] = checksums[i]
+                    else:
+                        bad.append(i)
+        return good, sorted(bad)
+
+    # -- statistics state -----------------------------------------------------------------------
+    def save_stats(self, next_round: int, ctx: dict[str, Any]) -> bool:
+        """Persist the reduced context after a statistics round (atomically). Returns False
+        (and saves nothing) when the context holds a value :func:`encode_state` cannot
+        represent exactly; a resumed run then recomputes the statistics."""
+        if self.identity is None:
+            return False
+        try:
+            enc = encode_state(ctx)
+        except (TypeError, ValueError) as err:
+            log.warning("statistics context not saved for resume (%s); a resumed run recomputes it", err)
+            return False
+        body = json.dumps(enc, sort_keys=True, separators=(",", ":"))
+        _write_atomic(os.path.join(self.staging, STATS_FILE), json.dumps({
+            "format": STAGING_FORMAT, "digest": self.digest, "round": next_round,
+            "ctx_sha256": hashlib.sha256(body.encode()).hexdigest(), "ctx": body,
+        }).encode())
+        return True
+
+    def load_stats(self) -> tuple[int, dict[str, Any]] | None:
+        """(the next statistics round, the context reduced so far) saved by an interrupted run,
+        or None when nothing usable is saved (missing, torn, for another run)."""
+        path = os.path.join(self.staging, STATS_FILE)
+        try:
+            if os.path.getsize(path) > MAX_STATE_BYTES:
+                raise ValueError("too big")
+            with open(path, "rb") as f:
+                state = json.load(f)
+            body = state["ctx"]
+            if (state["format"] != STAGING_FORMAT or state["digest"] != self.digest
+                    or hashlib.sha256(body.encode()).hexdigest() != state["ctx_sha256"]
+                    or not isinstance(state["round"], int) or state["round"] < 1):
+                raise ValueError("does not match this run")
+            return state["round"], decode_state(json.loads(body))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            log.warning("%s unusable (%s); the statistics are recomputed", path, err)
+            return None
+
+    def close(self) -> None:
+        if self._manifest_fd is not None:
+            os.close(self._manifest_fd)
+            self._manifest_fd = None
 
     def finalize(self, plan: Plan, *, base_url: str, out_dtype: str | None) -> None:
         """Write the index json and copy config and tokenizer files from the base."""
@@ -125,18 +350,23 @@ class StagedOutput:
                 tensors, _ = parse_header(f.read(n), file_size=size, where=path)
                 if set(tensors) != set(shard.tensors):
                     raise MergeFailedError(f"verification failed: {shard.filename} header differs from the plan")
-                for s in by_shard.get(si, []):
-                    f.seek(s.start)
-                    crc = zlib.crc32(f.read(s.nbytes))
-                    if crc != checksums[s.index]:
-                        raise MergeFailedError(
-                            f"verification failed: slice {s.index} of {shard.filename} "
-                            f"(bytes {s.start}..{s.stop}) differs from what its worker wrote"
-                        )
+            for s, crc in _slice_crcs(path, by_shard.get(si, [])):
+                if crc != checksums[s.index]:
+                    raise MergeFailedError(
+                        f"verification failed: slice {s.index} of {shard.filename} "
+                        f"(bytes {s.start}..{s.stop}) differs from what its worker wrote"
+                    )
 
     def publish(self, *, overwrite: bool) -> None:
         """Move the staging folder into place; an existing destination (with ``overwrite``) is
-        replaced only once the new one is complete."""
+        replaced only once the new one is complete. The resume state files are removed first
+        (``plan.json`` last: a folder without it is never resumed)."""
+        self.close()
+        for name in STATE_FILES:
+            try:
+                os.remove(os.path.join(self.staging, name))
+            except FileNotFoundError:
+                pass
         old = None
         if os.path.exists(self.dest):
             if not overwrite:
@@ -154,7 +384,116 @@ class StagedOutput:
 
     def abort(self) -> None:
         """Remove the staging folder; the destination is untouched."""
+        self.close()
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+# -- finding staging folders, refusing them ------------------------------------------------------
+
+def staging_folders(dest: str) -> list[str]:
+    """Every staging folder of ``dest`` (any run, any version), oldest first."""
+    real = os.path.realpath(local_path(dest))
+    parent, name = os.path.split(real)
+    pattern = re.compile(re.escape(f".{name}{STAGING_MARK}") + r"[0-9a-f]{8,64}")
+    try:
+        names = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = [os.path.join(parent, n) for n in names
+             if pattern.fullmatch(n) and os.path.isdir(os.path.join(parent, n))]
+    return sorted(found, key=lambda p: (os.path.getmtime(p), p))
+
+
+def refuse_existing_staging(dest: str) -> None:
+    """Raises:
+        DestinationError: a staging folder of ``dest`` exists (an interrupted or running run);
+            it is neither reused nor deleted without the user saying so."""
+    found = staging_folders(dest)
+    if found:
+        raise DestinationError(
+            f"output.path: {os.path.realpath(local_path(dest))}: the staging folder {found[-1]} of an "
+            f"earlier run exists{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}; run again "
+            "with --resume to continue it, or delete it to start over (make sure no run is still "
+            "writing it)"
+        )
+
+
+def _read_plan_file(staging: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(staging, PLAN_FILE), "rb") as f:
+            state = json.loads(f.read(MAX_STATE_BYTES))
+        return state if isinstance(state, dict) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _changed_message(dest: str, others: list[str], identity: dict[str, Any]) -> str:
+    folder = others[-1]
+    state = _read_plan_file(folder)
+    if state is None or state.get("format") != STAGING_FORMAT or not isinstance(state.get("identity"), dict):
+        return (f"output.path: {dest}: cannot resume: {folder} holds no resumable state (an "
+                "incomplete, one-off or older distmerge run's staging folder); delete it to start over")
+    old = state["identity"]
+    changed = [_IDENTITY_LABELS.get(k, k) for k in sorted(set(old) | set(identity))
+               if old.get(k) != identity.get(k)]
+    if "inputs" in old and "inputs" in identity and old["inputs"] != identity["inputs"]:
+        olds = {m.get("url"): m for m in old["inputs"] if isinstance(m, dict)}
+        moved = [m["url"] for m in identity["inputs"] if olds.get(m["url"]) != m]
+        if moved:
+            changed = [c for c in changed if c != _IDENTITY_LABELS["inputs"]]
+            changed.append(f"input files of {', '.join(moved[:3])}{' ...' if len(moved) > 3 else ''}")
+    return (f"output.path: {dest}: cannot resume: the staging folder {folder} belongs to a different "
+            f"pipeline (changed: {'; '.join(changed) or 'unknown'}); restore the pipeline and inputs "
+            "it was started with, or delete that folder to start over")
+
+
+_IDENTITY_LABELS = {
+    "distmerge": "distmerge version", "method": "method or overrides", "experts": "experts or weights",
+    "inputs": "input files", "output": "output dtype or shard size", "plan": "slice plan (slice size, memory per worker)",
+    "format": "staging format",
+}
+
+
+# -- small file helpers ----------------------------------------------------------------------------
+
+def _slice_crcs(path: str, slices: list[Slice]):
+    """(slice, crc32 of its bytes in ``path``) for each slice, reading in offset order."""
+    with open(path, "rb") as f:
+        for s in sorted(slices, key=lambda s: s.start):
+            f.seek(s.start)
+            crc, left = 0, s.nbytes
+            while left > 0:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            yield s, crc if left == 0 else -1
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync_file(path)
+    except OSError:          # some filesystems cannot fsync a directory
+        pass
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
 
 
 def copy_side_files(base_url: str, out_dir: str, *, out_dtype: str | None) -> list[str]:

@@ -1,15 +1,36 @@
 """The driver: one run as an explicit state machine.
 
-    VALIDATE → PLAN → STATS (one pass per statistics round) → MERGE → GATHER → PUBLISH → DONE
+    VALIDATE → PLAN → [RESUME] → STATS (one pass per statistics round) → MERGE → GATHER → PUBLISH → DONE
 
 Each step returns the next state. The driver holds headers, the plan and small reduced
-statistics, never tensors. If any step fails, the staging folder is removed and the
-destination is left as it was; the error propagates unchanged.
+statistics, never tensors. If any step fails, the destination is left as it was and the error
+propagates unchanged.
+
+Resuming (``run_pipeline(..., resume=True)``, ``distmerge run --resume``). The run's state lives
+only in its staging folder beside the destination (see :mod:`distmerge.checkpoint.writer`):
+every finished merge slice is appended to a manifest with its crc32, and the reduced statistics
+are saved after each statistics round. Run again with ``resume`` (the same command, on this or a
+new cluster), the RESUME step re-reads every recorded slice and checks its crc32 (a slice whose
+bytes differ is redone), restores the statistics (only rounds not saved are recomputed), and
+the merge pass runs the remaining slices: the result is byte-identical to an uninterrupted run.
+A staging folder of a different pipeline (method, experts, weights, inputs' files, output dtype
+or shard size, slice plan, distmerge version) is refused; without ``resume`` any staging folder
+of the destination is refused. ``resume`` with nothing to resume starts a new run, so a job
+that retries may always pass it.
+
+When a run fails, :func:`keeps_staging` decides about its staging folder: it is kept (and a
+warning says so) when it holds finished work, i.e. at least one merge slice recorded or one
+statistics round saved, unless the error is one a resume would meet again (the pipeline, an
+input's headers or its values are wrong: ConfigError, UnsafeCheckpointError,
+IncompatibleModelsError, NonFiniteError); otherwise it is deleted. Validation and planning
+failures never leave one. A killed driver leaves it as it was, which is the point.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import logging
 import os
 import time
@@ -17,14 +38,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import distmerge
 from distmerge.checkpoint.compat import check_compatible
 from distmerge.checkpoint.header import DTYPE_BY_NAME, DTYPE_SIZES
-from distmerge.checkpoint.source import ModelHeaders, read_model_headers
-from distmerge.checkpoint.writer import StagedOutput, check_destination
+from distmerge.checkpoint.source import ModelHeaders, read_model_headers, use_storage
+from distmerge.checkpoint.state import file_fingerprint
+from distmerge.checkpoint.writer import StagedOutput, check_destination, refuse_existing_staging
 from distmerge.config import Pipeline
 from distmerge.engine.executors import Executor, LocalExecutor, RayExecutor
 from distmerge.engine.worker import Job, Report, Task
-from distmerge.errors import MergeFailedError
+from distmerge.errors import (
+    ConfigError,
+    IncompatibleModelsError,
+    MergeFailedError,
+    NonFiniteError,
+    UnsafeCheckpointError,
+)
 from distmerge.methods import MethodSet, build
 from distmerge.metrics import RunEvents
 from distmerge.plan import Plan, make_plan, slice_elements_for
@@ -36,6 +65,7 @@ log = logging.getLogger(__name__)
 class State(enum.Enum):
     VALIDATE = "validate"
     PLAN = "plan"
+    RESUME = "resume"
     STATS = "stats"
     MERGE = "merge"
     GATHER = "gather"
@@ -58,6 +88,11 @@ class Summary:
     memory_per_worker: int
     worker_seconds: dict[str, float] = field(default_factory=dict)
     retries: int = 0
+    resumed: bool = False
+    resumed_slices: int = 0           # finished slices found, re-verified and skipped
+    redone_slices: int = 0            # recorded slices whose bytes no longer matched
+    stats_rounds_restored: int = 0
+    resume_seconds: float = 0.0       # the RESUME step: read the manifest, re-verify, restore
 
     @property
     def read_gbps(self) -> float:
@@ -73,7 +108,11 @@ class Summary:
             f"in {self.seconds:.2f} s ({self.read_gbps:.2f} GB/s read)",
             "  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_seconds.items()),
             f"  peak worker memory {peak / 1e9:.2f} GB of {self.memory_per_worker / 1e9:.2f} GB budget",
-        ]
+        ] + ([
+            f"  resumed: {self.resumed_slices} of {self.slices} slices verified and skipped, "
+            f"{self.redone_slices} redone, {self.stats_rounds_restored} statistics pass(es) "
+            f"restored, in {self.resume_seconds:.3f} s"
+        ] if self.resumed else [])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,6 +134,7 @@ def validate(pipeline: Pipeline) -> Validated:
                     [(o.match, o.params()) for o in pipeline.overrides])
     methods.check_weights(tuple(e.weight for e in pipeline.experts))
     urls = [pipeline.base] + [e.path for e in pipeline.experts]
+    use_storage(pipeline.storage)           # this process's URLs: header reads, config copy
     check_destination(pipeline.output.path, overwrite=pipeline.output.overwrite, sources=urls)
     with ThreadPoolExecutor(max_workers=16) as pool:
         models = [read_model_headers(u, pool=pool) for u in urls]
@@ -114,6 +154,53 @@ def plan_for(pipeline: Pipeline, validated: Validated) -> Plan:
     out = DTYPE_BY_NAME[pipeline.output.dtype] if pipeline.output.dtype else None
     return make_plan(tensors, out_dtype=out, shard_size=pipeline.output.shard_size,
                      slice_elements=elements)
+
+
+def run_identity(pipeline: Pipeline, validated: Validated, plan: Plan) -> dict[str, Any]:
+    """Everything that decides a run's output bytes, as JSON-able values; its digest names the
+    staging folder and must match for a resume. Workers, memory (beyond the slice plan it
+    gives), Ray address, overwrite and the run's name are not part of it."""
+    v = validated
+    models = [v.base, *v.experts]
+    shards = sorted({s for m in models for s in m.shards})
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        fingerprints = dict(zip(shards, pool.map(file_fingerprint, shards)))
+    inputs = []
+    for m in models:
+        h = hashlib.sha256()
+        for name in sorted(m.tensors):
+            shard, info = m.tensors[name]
+            h.update(json.dumps([name, shard, info.dtype, list(info.shape), info.start, info.stop]).encode())
+        inputs.append({"url": m.url, "headers_sha256": h.hexdigest(),
+                       "files": {s: fingerprints[s] for s in m.shards}})
+    p = hashlib.sha256(plan.to_json().encode())
+    for shard in plan.shards:
+        p.update(shard.header)
+    return {
+        "format": 1,
+        "distmerge": distmerge.__version__,
+        "method": [repr(v.methods.default)] + [f"{pat}: {m!r}" for pat, m in v.methods.overrides],
+        "experts": [{"path": e.path, "weight": e.weight.hex()} for e in pipeline.experts],
+        "inputs": inputs,
+        "output": {"dtype": pipeline.output.dtype, "shard_size": pipeline.output.shard_size},
+        "plan": p.hexdigest(),
+    }
+
+
+# A resume would meet these again (the pipeline or an input is wrong; fixing it changes the
+# run's identity anyway), so the staging folder of a run failing with them is deleted.
+NOT_RESUMABLE = (ConfigError, UnsafeCheckpointError, IncompatibleModelsError, NonFiniteError)
+
+
+def keeps_staging(error: BaseException, *, slices_recorded: int, stats_saved: int) -> bool:
+    """Whether a failed run keeps its staging folder for ``--resume``: it holds finished work
+    (``slices_recorded`` merge slices in the manifest, ``stats_saved`` statistics rounds saved)
+    and the error is not one a resume would meet again (:data:`NOT_RESUMABLE`). Anything else
+    (a slice failing beyond its retries, a lost Ray cluster, a full disk, Ctrl-C, a failed
+    verification or publication) keeps it. The destination is untouched either way."""
+    if slices_recorded <= 0 and stats_saved <= 0:
+        return False
+    return not isinstance(error, NOT_RESUMABLE)
 
 
 def ensure_ray(address: str | None, workers: int) -> bool:
@@ -143,8 +230,10 @@ class Run:
     """One merge, from a validated pipeline to a published checkpoint."""
 
     def __init__(self, pipeline: Pipeline, *, executor: Executor,
-                 events: RunEvents | None = None, validated: Validated | None = None):
+                 events: RunEvents | None = None, validated: Validated | None = None,
+                 resume: bool = False):
         self.pipeline = pipeline
+        self.resume = resume
         self.executor = executor
         self.events = events or RunEvents(pipeline.name)
         self.validated = validated
@@ -158,22 +247,30 @@ class Run:
         self.peak_rss: dict[str, int] = {}
         self.worker_seconds: dict[str, float] = {}
         self.retries = 0
+        self.recorded = 0                 # merge slices in the manifest (resumed or this run)
+        self.stats_saved = 0              # statistics rounds saved in the staging folder
+        self.resumed_slices = 0
+        self.redone_slices = 0
+        self.stats_rounds_restored = 0
+        self._claimed: dict[int, int] = {}
+        self._saved: tuple[int, dict[str, Any]] | None = None
 
     # -- the state machine ------------------------------------------------------------------
     def execute(self) -> Summary:
         start = time.perf_counter()
         state = State.VALIDATE
         steps = {
-            State.VALIDATE: self._validate, State.PLAN: self._plan, State.STATS: self._stats,
-            State.MERGE: self._merge, State.GATHER: self._gather, State.PUBLISH: self._publish,
+            State.VALIDATE: self._validate, State.PLAN: self._plan, State.RESUME: self._resume,
+            State.STATS: self._stats, State.MERGE: self._merge, State.GATHER: self._gather,
+            State.PUBLISH: self._publish,
         }
         try:
             while state is not State.DONE:
                 self.events.stage(state.value)
                 state = steps[state]()
-        except BaseException:
+        except BaseException as err:
             if self.output is not None:
-                self.output.abort()
+                self._on_failure(err)
             raise
         finally:
             self.events.finish()
@@ -188,7 +285,22 @@ class Run:
             worker_peak_rss=dict(self.peak_rss),
             memory_per_worker=self.pipeline.resources.memory_per_worker,
             worker_seconds=dict(self.worker_seconds), retries=self.retries,
+            resumed=self.output.resumed, resumed_slices=self.resumed_slices,
+            redone_slices=self.redone_slices, stats_rounds_restored=self.stats_rounds_restored,
+            resume_seconds=self.events.stage_seconds.get(State.RESUME.value, 0.0),
         )
+
+    def _on_failure(self, err: BaseException) -> None:
+        assert self.output is not None
+        if keeps_staging(err, slices_recorded=self.recorded, stats_saved=self.stats_saved):
+            self.output.close()
+            total = len(self.plan.slices) if self.plan is not None else 0
+            log.warning("the run failed; its staging folder %s is kept (%d of %d merge slices and "
+                        "%d statistics pass(es) done): run the same command with --resume to "
+                        "continue, or delete the folder to start over", self.output.staging,
+                        self.recorded, total, self.stats_saved)
+        else:
+            self.output.abort()
 
     def _validate(self) -> State:
         if self.validated is None:
@@ -198,8 +310,23 @@ class Run:
     def _plan(self) -> State:
         assert self.validated is not None
         self.plan = plan_for(self.pipeline, self.validated)
-        self.output = StagedOutput(self.pipeline.output.path)
-        self.output.create(self.plan)
+        self.output = StagedOutput.prepare(self.pipeline.output.path, self.plan,
+                                           run_identity(self.pipeline, self.validated, self.plan),
+                                           resume=self.resume)
+        self.events.set_passes(self.validated.methods.rounds + 1)
+        if self.output.resumed:
+            # what the interrupted run claims to have finished; kept on failure until checked
+            self._claimed = self.output.recorded_slices(self.plan)
+            self._saved = self.output.load_stats() if self.validated.methods.rounds else None
+            self.recorded = len(self._claimed)
+            self.stats_saved = self._saved[0] if self._saved else 0
+        self._start_executor()
+        if self.output.resumed:
+            return State.RESUME
+        return State.STATS if self.validated.methods.rounds else State.MERGE
+
+    def _start_executor(self) -> None:
+        assert self.plan is not None and self.output is not None and self.validated is not None
         v = self.validated
         self.executor.start(Job(
             tensors=self.plan.tensors,
@@ -208,9 +335,29 @@ class Run:
             model_names=tuple(m.url for m in [v.base, *v.experts]),
             weights=tuple(e.weight for e in self.pipeline.experts),
             methods=v.methods,
+            storage=self.pipeline.storage,
         ))
-        self.events.set_passes(v.methods.rounds + 1)
-        return State.STATS if v.methods.rounds else State.MERGE
+
+    def _resume(self) -> State:
+        """Take over an interrupted run's work: re-verify every slice its manifest records
+        (those whose bytes differ are redone) and restore its statistics."""
+        assert self.output is not None and self.plan is not None and self.validated is not None
+        rounds = self.validated.methods.rounds
+        good, bad = self.output.check_slices(self.plan, self._claimed)
+        self.checksums.update(good)
+        self.recorded = self.resumed_slices = len(good)
+        self.redone_slices = len(bad)
+        if bad:
+            log.warning("resume: %d recorded slice(s) no longer match their checksum and are "
+                        "redone (first %s)", len(bad), bad[:5])
+        if self._saved is not None and self._saved[0] <= rounds:
+            self.round, self.ctx = self._saved
+            self.stats_rounds_restored = self.round
+        self.stats_saved = self.round
+        self.events.set_passes(rounds - self.round + 1)
+        log.info("resume: %d of %d slices verified and skipped, %d of %d statistics pass(es) restored",
+                 len(good), len(self.plan.slices), self.round, rounds)
+        return State.STATS if self.round < rounds else State.MERGE
 
     def _on_report(self, task: Task, report: Report) -> None:
         self.bytes_read += report.bytes_read
@@ -250,16 +397,21 @@ class Run:
         self.ctx = self.validated.methods.reduce(self.round, acc.totals(), self.ctx,
                                                  list(self.plan.tensors))
         self.round += 1
+        assert self.output is not None
+        if self.output.save_stats(self.round, self.ctx):
+            self.stats_saved = self.round
         return State.STATS if self.round < self.validated.methods.rounds else State.MERGE
 
     def _merge(self) -> State:
-        assert self.plan is not None
-        tasks = [Task(slice=s, round=None) for s in self.plan.slices]
+        assert self.plan is not None and self.output is not None
+        tasks = [Task(slice=s, round=None) for s in self.plan.slices if s.index not in self.checksums]
 
         def on_report(task: Task, report: Report) -> None:
             if report.checksum is None:
                 raise MergeFailedError(f"slice {task.slice.index} reported no checksum")
             self.checksums[task.slice.index] = report.checksum
+            self.output.record(task.slice, report.checksum)
+            self.recorded += 1
             self._on_report(task, report)
 
         self.events.pass_start("merge", len(tasks))
@@ -280,22 +432,28 @@ class Run:
 
 
 def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
-                 show_progress: bool = True) -> Summary:
+                 show_progress: bool = True, resume: bool = False) -> Summary:
     """Validate, plan, merge and publish ``pipeline``. With ``executor="ray"`` an embedded local
     Ray is started when ``ray.address`` is null and none is running (and stopped after).
 
+    With ``resume``, an interrupted run of the same pipeline is continued from its staging
+    folder (see the module docstring); without it, an existing staging folder of the
+    destination is refused.
+
     Raises:
         DistmergeError subclasses for every problem a user can fix; the destination is then
-        unchanged.
+        unchanged. A failed run may keep its staging folder for ``resume`` (:func:`keeps_staging`).
     """
     validated = validate(pipeline)    # fail fast, before starting Ray
+    if not resume:
+        refuse_existing_staging(pipeline.output.path)
     started = False
     if isinstance(executor, str):
         if executor == "ray":
             started = ensure_ray(pipeline.ray.address, pipeline.resources.workers)
         executor = make_executor(pipeline, executor)
     try:
-        return Run(pipeline, executor=executor, validated=validated,
+        return Run(pipeline, executor=executor, validated=validated, resume=resume,
                    events=RunEvents(pipeline.name, show_progress=show_progress)).execute()
     finally:
         if started:

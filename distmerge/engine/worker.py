@@ -25,6 +25,7 @@ import torch
 from distmerge.checkpoint.header import TensorInfo
 from distmerge.checkpoint.reader import TORCH_DTYPES, RangeReader, as_bytes
 from distmerge.checkpoint.writer import ShardWriter
+from distmerge.config import StorageConfig
 from distmerge.errors import NonFiniteError
 from distmerge.methods import Block, MethodSet
 from distmerge.plan import Slice, TensorPlan
@@ -48,6 +49,7 @@ class Job:
     weights: tuple[float, ...]
     methods: MethodSet
     allow_nonfinite: bool = False
+    storage: StorageConfig | None = None  # how to open source URLs: env var NAMES, no secrets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +112,7 @@ class SliceWorker:
     def reader(self) -> RangeReader:
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = RangeReader()
+            reader = self._local.reader = RangeReader(self.job.storage)
             with self._lock:
                 self._readers.append(reader)
         return reader
