@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from distmerge.errors import DistmergeError
+from distmerge.errors import ConfigError, DistmergeError
 
 log = logging.getLogger("distmerge")
 
@@ -27,8 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    p = sub.add_parser("validate", help="check the pipeline and every header; reads no tensor bytes")
+    p = sub.add_parser("validate", help="check the pipeline and every header; reads no tensor bytes "
+                                        "(with --deep: a few sampled rows of every tensor)")
     _pipeline_args(p)
+    p.add_argument("--deep", action="store_true",
+                   help="also sample rows of every tensor of base and experts: report NaN/Inf (exit 7) "
+                        "and experts that are not fine-tunes of the base, e.g. MergeLock-style "
+                        "protected or from another base (exit 5)")
+    p.add_argument("--sample-rows", type=int, metavar="N",
+                   help="with --deep: evenly spaced rows sampled per tensor, first and last included, "
+                        "plus the middle one (default 8)")
 
     p = sub.add_parser("plan", help="print the slices and output layout")
     _pipeline_args(p)
@@ -42,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue this pipeline's interrupted run from its staging folder (verified "
                         "slices are skipped); starts a new run when there is none")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve the run's Prometheus metrics on this port (overrides metrics.port; "
+                        "0: any free port)")
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint (headers only)")
     p.add_argument("path", help="model folder, .safetensors file or URL")
@@ -73,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="EXPERT_PATH",
                    help="the real expert: print the relative error of the rebuilt one per tensor")
 
+    p = sub.add_parser("submit", help="run the pipeline on an existing Ray cluster (Ray Jobs API) "
+                                      "and follow its logs")
+    _pipeline_args(p)
+    p.add_argument("--address", required=True,
+                   help="the cluster's dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--working-dir", metavar="DIR",
+                   help="upload this folder as the job's working directory (relative model paths "
+                        "then name files inside it)")
+    p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                   help="install into the job's environment (repeatable), e.g. distmerge==0.1.0 "
+                        "when the cluster's image lacks it")
+    p.add_argument("--ship-source", action="store_true",
+                   help="upload this machine's distmerge package (runtime_env py_modules) instead "
+                        "of using the one installed on the cluster")
+    p.add_argument("--resume", action="store_true", help="pass --resume to distmerge run on the cluster")
+    p.add_argument("--no-follow", action="store_true",
+                   help="return once the job is accepted (prints how to follow or stop it)")
+
     p = sub.add_parser("bench", help="generate experts of a shape, merge, print medians")
     from distmerge.bench import add_arguments
 
@@ -84,18 +113,31 @@ def _load(args):
     from distmerge.config import load_pipeline
 
     return load_pipeline(args.pipeline, workers=args.workers, memory_per_worker=args.memory_per_worker,
-                         slice_size=args.slice_size, overwrite=args.overwrite or None)
+                         slice_size=args.slice_size, overwrite=args.overwrite or None,
+                         metrics_port=getattr(args, "metrics_port", None))
 
 
 def cmd_validate(args) -> int:
     from distmerge.engine.driver import plan_for, validate
 
+    if args.sample_rows is not None and (not args.deep or args.sample_rows < 1):
+        raise ConfigError("--sample-rows: needs --deep and a positive number of rows")
     pipeline = _load(args)
     v = validate(pipeline)
     plan = plan_for(pipeline, v)
     gb = (v.base.nbytes + sum(e.nbytes for e in v.experts)) / 1e9
     print(f"ok: {pipeline.method.name} over {len(v.experts)} experts, {len(v.base.tensors)} tensors, "
           f"{gb:.3f} GB to read, {len(plan.slices)} slices into {len(plan.shards)} shard(s)")
+    if args.deep:
+        from distmerge.checkpoint.deep import DEFAULT_SAMPLE_ROWS, deep_validate
+
+        report = deep_validate(v.base, v.experts, storage=pipeline.storage,
+                               allow_nonfinite=pipeline.allow_nonfinite,
+                               sample_rows=args.sample_rows or DEFAULT_SAMPLE_ROWS)
+        print("\n".join(report.lines()))
+        error = report.error()
+        if error is not None:
+            raise error
     return 0
 
 
@@ -187,6 +229,15 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from distmerge.submit import submit
+
+    return submit(args.pipeline, args.address, follow=not args.no_follow,
+                  working_dir=args.working_dir, pip=args.pip, ship_source=args.ship_source,
+                  workers=args.workers, memory_per_worker=args.memory_per_worker,
+                  slice_size=args.slice_size, overwrite=args.overwrite, resume=args.resume)
+
+
 def cmd_bench(args) -> int:
     from distmerge.bench import run_bench
 
@@ -195,7 +246,7 @@ def cmd_bench(args) -> int:
 
 VERBS = {"validate": cmd_validate, "plan": cmd_plan, "run": cmd_run, "inspect": cmd_inspect,
          "demo": cmd_demo, "bench": cmd_bench, "import-mergekit": cmd_import_mergekit,
-         "compress": cmd_compress, "extract": cmd_extract}
+         "compress": cmd_compress, "extract": cmd_extract, "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:

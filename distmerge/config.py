@@ -5,12 +5,14 @@ A pipeline YAML looks like::
     base: path-or-URL
     experts:
       - {path: path-or-URL, weight: 1.0}
+    allow_nonfinite: false
     method: {name: ties, density: 0.2, scope: model, scale: 1.0}
     overrides:
       - {match: "*.embed_tokens.*", density: 0.5}
     output: {path: path-or-URL, dtype: bfloat16, shard_size: 2GB, overwrite: false}
     resources: {workers: 2, gpus_per_worker: 0, memory_per_worker: 2GB}
     ray: {address: null}
+    metrics: {port: null, host: 0.0.0.0, linger_seconds: 30}
     storage: {s3: {endpoint_url: null, region: null, anonymous: false,
                    key_env: AWS_ACCESS_KEY_ID, secret_env: AWS_SECRET_ACCESS_KEY}}
 
@@ -19,6 +21,16 @@ against the method's own parameter dataclass by :func:`distmerge.methods.build`,
 driver calls before anything is read.
 
 Paths: ``~`` is expanded; a relative local path is taken relative to the current directory.
+
+``allow_nonfinite`` (top level: it is a property of the inputs, beside ``base`` and ``experts``,
+not of the compute resources): by default a NaN or Inf in base or any expert refuses the run
+(:class:`~distmerge.errors.NonFiniteError`, naming model, tensor and rows; nothing is written).
+With ``true`` the run does not look: NaN and Inf go through the method's arithmetic as IEEE
+floats do. Linear and task arithmetic put an expert's NaN at the same element of the output
+and an Inf as ±Inf (or NaN where +Inf meets -Inf); methods that compare values (TIES, DARE,
+DELLA: thresholds, sign election) may drop them or count them in their statistics, so the
+output may hold none. ``distmerge validate --deep`` then reports sampled non-finite values as
+warnings instead of failing.
 """
 
 from __future__ import annotations
@@ -144,6 +156,21 @@ class RayConfig(_Strict):
     address: str | None = None
 
 
+class MetricsConfig(_Strict):
+    """Prometheus metrics of the run (:mod:`distmerge.metrics`), served by the driver.
+
+    ``port``: null serves none, 0 any free port (logged); ``host``: the address to bind
+    (0.0.0.0: every interface, as a pod must for a PodMonitor); ``linger_seconds``: after the
+    run ends, the endpoint stays up until its final values were scraped once, at most this long;
+    make it longer than the scrape interval, or the last values (100%, or the failure) may never
+    reach Prometheus.
+    """
+
+    port: int | None = Field(default=None, ge=0, le=65535)
+    host: str = "0.0.0.0"
+    linger_seconds: float = Field(default=30.0, ge=0, le=3600, allow_inf_nan=False)
+
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
@@ -213,12 +240,14 @@ class Pipeline(_Strict):
     name: str = "merge"
     base: str
     experts: list[ModelRef] = Field(min_length=2)
+    allow_nonfinite: bool = False         # see the module docstring
     method: MethodSpec
     overrides: list[Override] = Field(default_factory=list)
     output: Output
     resources: Resources = Field(default_factory=Resources)
     ray: RayConfig = Field(default_factory=RayConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @field_validator("base")
     @classmethod
@@ -264,7 +293,7 @@ def parse_pipeline(data: Any, source: str = "pipeline") -> Pipeline:
 
 def load_pipeline(path: str | os.PathLike, **cli_overrides: Any) -> Pipeline:
     """Read a pipeline YAML and apply CLI overrides (``workers``, ``memory_per_worker``,
-    ``slice_size``, ``overwrite``; ``None`` means not given).
+    ``slice_size``, ``overwrite``, ``metrics_port``; ``None`` means not given).
 
     Raises:
         ConfigError: the file is missing, not YAML, or does not match the schema.
@@ -296,7 +325,11 @@ def _apply_cli(data: dict, cli: dict[str, Any]) -> dict:
         data["resources"] = res
     if out:
         data["output"] = out
-    unknown = set(cli) - {"workers", "memory_per_worker", "slice_size", "overwrite"}
+    if cli.get("metrics_port") is not None:
+        metrics = data.get("metrics") or {}
+        if isinstance(metrics, dict):          # otherwise the schema names the problem
+            data["metrics"] = {**metrics, "port": cli["metrics_port"]}
+    unknown = set(cli) - {"workers", "memory_per_worker", "slice_size", "overwrite", "metrics_port"}
     if unknown:
         raise ConfigError(f"unknown override(s): {sorted(unknown)}")
     return data

@@ -88,3 +88,10 @@ class StorageUnavailableError(DistmergeError, OSError):
 
     exit_code = 9
     retryable = True
+
+
+class ClusterError(DistmergeError, ConnectionError):
+    """The Ray cluster's job server cannot be reached (nothing listens, DNS, timeout, the
+    connection was lost), what answers is not a Ray job server, or it refused the job."""
+
+    exit_code = 10

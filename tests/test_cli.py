@@ -72,15 +72,18 @@ def test_cli_overrides_reach_the_pipeline(tmp_path, tiny_models):
 
 
 FROZEN_FLAGS = {
-    "validate": ["--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
+    "validate": ["--deep", "--memory-per-worker", "--overwrite", "--sample-rows", "--slice-size",
+                 "--workers"],
     "plan": ["--format", "--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
-    "run": ["--executor", "--memory-per-worker", "--no-progress", "--overwrite", "--resume",
-            "--slice-size", "--workers"],
+    "run": ["--executor", "--memory-per-worker", "--metrics-port", "--no-progress", "--overwrite",
+            "--resume", "--slice-size", "--workers"],
     "inspect": ["--format"],
     "demo": ["--experts", "--out"],
     "import-mergekit": ["--output", "--output-path"],
     "compress": ["--memory-per-worker", "--overwrite", "--slice-size", "--workers"],
     "extract": ["--dtype", "--out", "--overwrite", "--reference"],
+    "submit": ["--address", "--memory-per-worker", "--no-follow", "--overwrite", "--pip", "--resume",
+               "--ship-source", "--slice-size", "--workers", "--working-dir"],
 }
 
 

@@ -55,7 +55,7 @@ from distmerge.errors import (
     UnsafeCheckpointError,
 )
 from distmerge.methods import MethodSet, build
-from distmerge.metrics import RunEvents
+from distmerge.metrics import RunEvents, serve_metrics
 from distmerge.plan import Plan, make_plan, slice_elements_for
 from distmerge.reduce import StatsAccumulator
 
@@ -203,6 +203,15 @@ def keeps_staging(error: BaseException, *, slices_recorded: int, stats_saved: in
     return not isinstance(error, NOT_RESUMABLE)
 
 
+def ray_address(pipeline: Pipeline) -> str | None:
+    """The cluster to join: the pipeline's ``ray.address``; else ``auto`` when RAY_ADDRESS is
+    set (inside a Ray job — ``ray job submit``, ``distmerge submit``, a KubeRay RayJob — or on a
+    cluster node); else None, an embedded local Ray."""
+    if pipeline.ray.address is None and os.environ.get("RAY_ADDRESS"):
+        return "auto"
+    return pipeline.ray.address
+
+
 def ensure_ray(address: str | None, workers: int) -> bool:
     """Connect to Ray (an embedded local instance when ``address`` is None). Returns True when
     this call started it (so the caller shuts it down)."""
@@ -222,8 +231,9 @@ def make_executor(pipeline: Pipeline, kind: str = "ray") -> Executor:
     if kind == "local":
         return LocalExecutor()
     r = pipeline.resources
+    # an embedded local Ray gets no memory reservation: its total is a guess of Ray's own
     return RayExecutor(workers=r.workers, gpus_per_worker=r.gpus_per_worker,
-                       memory_per_worker=r.memory_per_worker if pipeline.ray.address else 0)
+                       memory_per_worker=r.memory_per_worker if ray_address(pipeline) else 0)
 
 
 class Run:
@@ -269,11 +279,12 @@ class Run:
                 self.events.stage(state.value)
                 state = steps[state]()
         except BaseException as err:
+            self.events.finish(error=err)
             if self.output is not None:
                 self._on_failure(err)
             raise
         finally:
-            self.events.finish()
+            self.events.finish()          # succeeded (a no-op after a failure)
             self.executor.shutdown()
         assert self.plan is not None and self.validated is not None
         return Summary(
@@ -335,6 +346,7 @@ class Run:
             model_names=tuple(m.url for m in [v.base, *v.experts]),
             weights=tuple(e.weight for e in self.pipeline.experts),
             methods=v.methods,
+            allow_nonfinite=self.pipeline.allow_nonfinite,
             storage=self.pipeline.storage,
         ))
 
@@ -365,7 +377,24 @@ class Run:
         self.peak_rss[report.worker] = max(self.peak_rss.get(report.worker, 0), report.peak_rss)
         for k, v in report.seconds.items():
             self.worker_seconds[k] = self.worker_seconds.get(k, 0.0) + v
-        self.events.slice_done(report)
+        self.events.slice_done(report, self._read_by_source(task))
+
+    def _read_by_source(self, task: Task) -> list[int]:
+        """Bytes of each model (base first) a worker reads for ``task``, as
+        :meth:`SliceWorker.process` reads them: every model's rows of each piece, skipping in a
+        statistics round the tensors without statistics in it (for the metrics by source)."""
+        assert self.plan is not None and self.validated is not None
+        models = [self.validated.base, *self.validated.experts]
+        ms = self.validated.methods
+        out = [0] * len(models)
+        for p in task.slice.pieces:
+            tp = self.plan.tensors[p.tensor]
+            if task.round is not None and (not tp.merged or task.round >= ms.for_tensor(p.tensor).rounds):
+                continue
+            for i, m in enumerate(models):
+                info = m.tensors[p.tensor][1]
+                out[i] += info.nbytes // tp.rows * (p.row_stop - p.row_start)
+        return out
 
     def _on_retry(self, task: Task, error: BaseException) -> None:
         self.retries += 1
@@ -440,23 +469,57 @@ def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
     folder (see the module docstring); without it, an existing staging folder of the
     destination is refused.
 
+    With ``metrics.port`` set, the run's Prometheus metrics are served from before validation
+    until the end of the run (and its linger; :mod:`distmerge.metrics`).
+
     Raises:
         DistmergeError subclasses for every problem a user can fix; the destination is then
         unchanged. A failed run may keep its staging folder for ``resume`` (:func:`keeps_staging`).
     """
-    validated = validate(pipeline)    # fail fast, before starting Ray
-    if not resume:
-        refuse_existing_staging(pipeline.output.path)
+    events = RunEvents(pipeline.name, show_progress=show_progress)
+    kind = executor if isinstance(executor, str) else type(executor).__name__
+    sources = [pipeline.base] + [e.path for e in pipeline.experts]
+    events.describe(method=pipeline.method.name, sources=sources, executor=kind,
+                    version=distmerge.__version__)
+    m = pipeline.metrics              # bound before any work: a port in use is a ConfigError
+    exporter = serve_metrics(events, host=m.host, port=m.port, linger_seconds=m.linger_seconds)
     started = False
-    if isinstance(executor, str):
-        if executor == "ray":
-            started = ensure_ray(pipeline.ray.address, pipeline.resources.workers)
-        executor = make_executor(pipeline, executor)
     try:
+        events.stage(State.VALIDATE.value)
+        validated = validate(pipeline)    # fail fast, before starting Ray
+        if not resume:
+            refuse_existing_staging(pipeline.output.path)
+        if isinstance(executor, str):
+            if executor == "ray":
+                started = ensure_ray(ray_address(pipeline), pipeline.resources.workers)
+            executor = make_executor(pipeline, executor)
+        session = _ray_session() if kind in ("ray", "RayExecutor") else ""
+        if session:
+            events.describe(method=pipeline.method.name, sources=sources, executor=kind,
+                            version=distmerge.__version__, ray_session=session)
         return Run(pipeline, executor=executor, validated=validated, resume=resume,
-                   events=RunEvents(pipeline.name, show_progress=show_progress)).execute()
+                   events=events).execute()
+    except BaseException as err:
+        events.finish(error=err)          # a no-op when the run already recorded it
+        raise
     finally:
-        if started:
-            import ray
+        try:
+            if started:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
+        finally:
+            if exporter is not None:
+                exporter.close()          # after the final values were scraped (linger)
+
+
+def _ray_session() -> str:
+    """Ray's ``SessionName`` (a label of Ray's own metrics: the GPU panels pick the run's
+    cluster by it), or "" when this process has no Ray."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_session_name() if ray and ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - a label only
+        return ""
