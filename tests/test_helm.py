@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -146,14 +147,22 @@ def env_of(container: dict) -> dict[str, dict]:
 # ------------------------------------------------------------------- CRD schemas (jsonschema)
 
 
-def _schemas_dir() -> Path:
+VENDORED = REPO / "tests" / "k8s-schemas"
+
+
+def _crd_texts() -> list[tuple[str, str]]:
+    """(file name, text) of the CRDs: the shared folder when it is beside the checkout, else the
+    gzipped copies in tests/k8s-schemas (identical: see test_vendored_crds_match_the_shared_ones)."""
+    if SCHEMAS.is_dir():
+        return [(p.name, p.read_text()) for p in sorted(SCHEMAS.glob("*.yaml"))]
+    return [(p.name[:-3], gzip.decompress(p.read_bytes()).decode()) for p in sorted(VENDORED.glob("*.yaml.gz"))]
+
+
+def test_vendored_crds_match_the_shared_ones():
     if not SCHEMAS.is_dir():
-        message = (f"{SCHEMAS} is missing: the Kubernetes schemas live in the shared folder "
-                   "beside the checkout (../shared/k8s-schemas)")
-        if _in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return SCHEMAS
+        pytest.skip(f"{SCHEMAS} is not beside this checkout; the vendored copies are used")
+    for p in sorted(VENDORED.glob("*.yaml.gz")):
+        assert gzip.decompress(p.read_bytes()) == (SCHEMAS / p.name[:-3]).read_bytes(), p.name
 
 
 def structural_to_jsonschema(node):
@@ -184,8 +193,8 @@ def structural_to_jsonschema(node):
 @functools.lru_cache(maxsize=None)
 def crd_schema(group: str, kind: str, version: str) -> dict:
     """The openAPIV3Schema of ``kind`` in ``group``/``version`` from ../shared/k8s-schemas."""
-    for path in sorted(_schemas_dir().glob("*.yaml")):
-        crd = yaml.safe_load(path.read_text())
+    for name, text in _crd_texts():
+        crd = yaml.safe_load(text)
         spec = crd.get("spec", {})
         if crd.get("kind") != "CustomResourceDefinition" or spec.get("group") != group:
             continue
@@ -195,7 +204,7 @@ def crd_schema(group: str, kind: str, version: str) -> dict:
             if v["name"] == version:
                 assert v.get("served", False), f"{group}/{version} {kind} is not served"
                 return v["schema"]["openAPIV3Schema"]
-        raise AssertionError(f"{path.name} has no version {version} of {kind}")
+        raise AssertionError(f"{name} has no version {version} of {kind}")
     raise AssertionError(f"no CRD for {kind}.{group} in {SCHEMAS}")
 
 
