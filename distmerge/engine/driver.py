@@ -491,6 +491,7 @@ def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
             refuse_existing_staging(pipeline.output.path)
         if isinstance(executor, str):
             if executor == "ray":
+                events.stage("ray")           # connecting to (or starting) Ray, timed apart
                 started = ensure_ray(ray_address(pipeline), pipeline.resources.workers)
             executor = make_executor(pipeline, executor)
         session = _ray_session() if kind in ("ray", "RayExecutor") else ""
