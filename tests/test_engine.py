@@ -130,3 +130,27 @@ def test_models_behind_an_fsspec_url_are_read_by_ranges(tmp_path, tiny_models):
         assert (tmp_path / "remote" / "out" / "config.json").exists()
     finally:
         fs.rm(f"memory://dm-{tmp_path.name}", recursive=True)
+
+
+def test_verification_refuses_a_staged_shard_that_differs_from_the_plan(tmp_path):
+    """The gather stage's shard check: a changed header byte or a wrong size is refused."""
+    from distmerge.checkpoint.writer import StagedOutput
+    from distmerge.errors import MergeFailedError
+    from distmerge.plan import make_plan
+
+    plan = make_plan([("a", "BF16", (4, 4)), ("b", "F32", (3,))], out_dtype=None,
+                     shard_size=10**6, slice_elements=1024)
+    out = StagedOutput(str(tmp_path / "out"))
+    out.create(plan)
+    out.check_shards(plan)                                   # as planned: accepted
+    path = out.shard_path(plan.shards[0].filename)
+    data = bytearray(open(path, "rb").read())
+    data[12] ^= 0x01                                         # inside the JSON header
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(MergeFailedError, match="header differs"):
+        out.check_shards(plan)
+    data[12] ^= 0x01
+    open(path, "wb").write(bytes(data) + b"\0")
+    with pytest.raises(MergeFailedError, match="bytes, planned"):
+        out.check_shards(plan)
+    out.abort()

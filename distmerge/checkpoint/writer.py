@@ -326,6 +326,31 @@ class StagedOutput:
             json.dump(plan.index_json(), f, indent=2)
         copy_side_files(base_url, self.staging, out_dtype=out_dtype)
 
+    def check_shards(self, plan: Plan) -> None:
+        """Each staged shard has its planned size, and its header is byte for byte the planned
+        one and parses back to the planned tensors (names, dtypes, shapes, offsets).
+
+        Raises:
+            MergeFailedError
+        """
+        for shard in plan.shards:
+            path = self.shard_path(shard.filename)
+            size = os.path.getsize(path)
+            if size != shard.size:
+                raise MergeFailedError(f"verification failed: {shard.filename} is {size} bytes, planned {shard.size}")
+            with open(path, "rb") as f:
+                head = f.read(len(shard.header))
+            if head != shard.header:
+                raise MergeFailedError(f"verification failed: {shard.filename} header differs from the plan")
+            n = header_length(head[:8], file_size=size, where=path)
+            tensors, _ = parse_header(head[8:8 + n], file_size=size, where=path)
+            placed = {name: (t.dtype, t.shape, t.start, t.stop) for name, t in tensors.items()}
+            planned = {name: (plan.tensors[name].out_dtype, plan.tensors[name].shape,
+                              plan.tensors[name].start, plan.tensors[name].stop) for name in shard.tensors}
+            if placed != planned:
+                raise MergeFailedError(f"verification failed: {shard.filename} places its tensors "
+                                       "other than planned")
+
     def verify(self, plan: Plan, checksums: dict[int, int]) -> None:
         """Check that every planned byte was written: each shard parses back to its planned
         header and size, and every slice's bytes match the checksum its worker reported.
@@ -336,20 +361,12 @@ class StagedOutput:
         missing = [s.index for s in plan.slices if s.index not in checksums]
         if missing:
             raise MergeFailedError(f"verification failed: {len(missing)} slices never reported (first {missing[:5]})")
+        self.check_shards(plan)
         by_shard: dict[int, list] = {}
         for s in plan.slices:
             by_shard.setdefault(s.shard, []).append(s)
         for si, shard in enumerate(plan.shards):
             path = self.shard_path(shard.filename)
-            size = os.path.getsize(path)
-            if size != shard.size:
-                raise MergeFailedError(f"verification failed: {shard.filename} is {size} bytes, planned {shard.size}")
-            with open(path, "rb") as f:
-                prefix = f.read(8)
-                n = header_length(prefix, file_size=size, where=path)
-                tensors, _ = parse_header(f.read(n), file_size=size, where=path)
-                if set(tensors) != set(shard.tensors):
-                    raise MergeFailedError(f"verification failed: {shard.filename} header differs from the plan")
             for s, crc in _slice_crcs(path, by_shard.get(si, [])):
                 if crc != checksums[s.index]:
                     raise MergeFailedError(
