@@ -39,10 +39,12 @@ class RangeReader:
     flight, shared by the threads reading that slice's models in parallel.
 
     ``storage``: the options for non-local URLs (the Job's, in a worker); default the options
-    active in this process."""
+    active in this process. ``pin``: page-locked buffers, for a worker that copies them to a
+    GPU (an asynchronous copy needs them)."""
 
-    def __init__(self, storage: StorageConfig | None = None) -> None:
+    def __init__(self, storage: StorageConfig | None = None, *, pin: bool = False) -> None:
         self.storage = storage
+        self.pin = pin
         self._fds: dict[str, int] = {}
         self._fs: dict[str, tuple] = {}
         self._buffers: dict[int, torch.Tensor] = {}
@@ -58,7 +60,7 @@ class RangeReader:
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         buf = self._buffers.get(slot)
         if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)
             self._buffers[slot] = buf
         return buf[:nbytes]
 

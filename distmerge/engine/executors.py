@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -39,26 +40,49 @@ class Executor(Protocol):
 
 
 class LocalExecutor:
-    """Runs slices one after another in this process (tests, debugging, a single machine)."""
+    """Runs slices in this process (tests, debugging, one machine with or without a GPU):
+    ``in_flight`` slices at a time on threads of one :class:`SliceWorker`, like an actor's
+    ``max_concurrency``, so one slice's reads and writes overlap another's compute. Reports
+    reach ``on_report`` on the calling thread, one at a time, in the order slices finish."""
 
     workers = 1
 
-    def __init__(self, *, device: str | None = None):
+    def __init__(self, *, device: str | None = None, in_flight: int = 2):
         self.device = device
+        self.in_flight = max(1, in_flight)
         self.worker: SliceWorker | None = None
+        self.pool: ThreadPoolExecutor | None = None
 
     def start(self, job: Job) -> None:
         self.worker = SliceWorker(job, device=self.device, worker_id="local")
+        self.pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="slice")
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
             on_retry: OnRetry | None = None) -> Counts:
-        """In-process errors are not retried: the same process would fail the same way."""
-        assert self.worker is not None, "start() first"
-        for task in tasks:
-            on_report(task, self.worker.process(task, ctx))
+        """In-process errors are not retried: the same process would fail the same way. On an
+        error (of a slice, or raised by ``on_report``) no new slice starts and the ones in
+        flight are waited for before it propagates."""
+        assert self.worker is not None and self.pool is not None, "start() first"
+        pending = deque(tasks)
+        running: dict[Future, Task] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < self.in_flight:
+                    task = pending.popleft()
+                    running[self.pool.submit(self.worker.process, task, ctx)] = task
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: running[f].slice.index):
+                    on_report(running.pop(fut), fut.result())
+        finally:
+            for fut in running:
+                fut.cancel()
+            wait(running)
         return self.worker.drain()
 
     def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
         if self.worker is not None:
             self.worker.close()
             self.worker = None

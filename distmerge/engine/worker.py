@@ -112,7 +112,7 @@ class SliceWorker:
     def reader(self) -> RangeReader:
         reader = getattr(self._local, "reader", None)
         if reader is None:
-            reader = self._local.reader = RangeReader(self.job.storage)
+            reader = self._local.reader = RangeReader(self.job.storage, pin=self.device.type == "cuda")
             with self._lock:
                 self._readers.append(reader)
         return reader
@@ -142,11 +142,36 @@ class SliceWorker:
 
     def _read(self, tensor: str, r0: int, r1: int) -> list[torch.Tensor]:
         reader = self.reader              # this slice's thread's buffers, one slot per model
+        uploaded = getattr(self._local, "uploaded", None)
+        if uploaded is not None:          # the last block's copies to the GPU left the buffers
+            uploaded.synchronize()
 
         def one(i: int) -> torch.Tensor:
             url, info = self.job.sources[i][tensor]
             return reader.read_rows(i, url, info, r0, r1)
         return list(self.pool.map(one, range(len(self.job.sources))))
+
+    def _upload(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The blocks on the worker's device, in their stored dtype. To a GPU: asynchronous
+        copies of the raw bytes from the reader's page-locked buffers (on this thread's stream)
+        into reused device buffers; the conversion to fp32 then runs on the GPU. On the CPU:
+        the blocks themselves."""
+        if self.device.type == "cpu":
+            return raws
+        bufs = getattr(self._local, "device_raw", None)
+        if bufs is None:
+            bufs = self._local.device_raw = {}
+        out = []
+        for slot, r in enumerate(raws):
+            nbytes = r.numel() * r.element_size()
+            buf = bufs.get(slot)
+            if buf is None or buf.numel() < nbytes:
+                buf = bufs[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=self.device)
+            buf[:nbytes].copy_(r.reshape(-1).view(torch.uint8), non_blocking=True)
+            out.append(buf[:nbytes].view(r.dtype).view(r.shape))
+        event = self._local.uploaded = torch.cuda.Event()
+        event.record()
+        return out
 
     def _check_finite(self, tensor: str, r0: int, r1: int, base: torch.Tensor, experts: torch.Tensor) -> None:
         # A sum is finite only if every term is (or it overflowed): one cheap reduction per
@@ -161,10 +186,21 @@ class SliceWorker:
                 )
 
     def process(self, task: Task, ctx: dict[str, Any]) -> Report:
+        if self.device.type != "cuda":
+            return self._process(task, ctx)
+        stream = getattr(self._local, "stream", None)
+        if stream is None:                # one stream per slice thread: two slices overlap
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            return self._process(task, ctx)
+
+    def _process(self, task: Task, ctx: dict[str, Any]) -> Report:
         s = task.slice
         rep = Report(slice=s.index, round=task.round, worker=self.worker_id)
         t_read = t_compute = t_write = 0.0
-        out = torch.empty(s.nbytes, dtype=torch.uint8) if task.round is None else None
+        cuda = self.device.type == "cuda"
+        out = (torch.empty(s.nbytes, dtype=torch.uint8, pin_memory=cuda)
+               if task.round is None else None)
         partial: dict[str, np.ndarray] = {}
         for piece in s.pieces:
             tp = self.job.tensors[piece.tensor]
@@ -184,6 +220,7 @@ class SliceWorker:
                 t_compute += time.perf_counter() - t1
                 continue
             rows, cols = raws[0].shape
+            raws = self._upload(raws)
             step = chunk_rows(self.device.type, len(raws), cols, rows, stats=task.round is not None)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
@@ -209,10 +246,13 @@ class SliceWorker:
                         else:
                             _add(partial, {key: arr})
                     continue
-                data = as_bytes(method.merge(block, ctx).to(TORCH_DTYPES[tp.out_dtype]).cpu())
+                merged = method.merge(block, ctx).to(TORCH_DTYPES[tp.out_dtype]).reshape(-1)
                 at = tp.start + g0 * row_bytes - s.start
-                out.numpy()[at:at + len(data)] = data
+                n = merged.numel() * merged.element_size()
+                out[at:at + n].copy_(merged.view(torch.uint8), non_blocking=cuda)
             t_compute += time.perf_counter() - t1
+        if cuda:
+            torch.cuda.current_stream().synchronize()     # the copies back into `out`
         if out is not None:
             t0 = time.perf_counter()
             data = out.numpy()

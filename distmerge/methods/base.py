@@ -88,6 +88,13 @@ def weighted_sum(x: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
     return acc
 
 
+def divide_(x: torch.Tensor, d: float) -> torch.Tensor:
+    """x /= d in place, correctly rounded on every device. (CUDA turns a division by a Python
+    number into a product with its rounded reciprocal, which can differ in the last bit; a
+    division by a tensor on the same device is a true division there, as on the CPU.)"""
+    return x.div_(torch.tensor(d, dtype=x.dtype, device=x.device) if x.is_cuda else d)
+
+
 def task_vectors(block: Block) -> torch.Tensor:
     """τ_t = θ_t − θ₀.  [T, rows, cols]"""
     return block.experts - block.base.unsqueeze(0)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from distmerge.methods import rng
-from distmerge.methods.base import Block, Method, Partial, disjoint_mean, task_vectors, weighted_sum
+from distmerge.methods.base import Block, Method, Partial, disjoint_mean, divide_, task_vectors, weighted_sum
 from distmerge.reduce import bins_total, magnitude_bins
 
 # The generator's resolution: u is a multiple of this, so a smaller keep probability is not
@@ -122,9 +122,7 @@ class _Dare(Method):
         tau = task_vectors(block).mul_(self._keep(block))               # dropped: ±0
         dev = tau.device
         if self.rescale == "inverse":
-            # a 0-dim tensor on the device, not a Python scalar: CUDA divides by a CPU scalar
-            # as a multiplication by its reciprocal, which is not always the same bits
-            tau.div_(torch.tensor(fp32(self.density), dtype=tau.dtype, device=dev))
+            divide_(tau, fp32(self.density))
         elif self.rescale == "l1":
             r = ctx[self.group(block.name)]["l1"]
             tau.mul_(torch.tensor(r, dtype=tau.dtype, device=dev).view(-1, 1, 1))

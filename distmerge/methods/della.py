@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.methods.base import Block, Method, task_vectors
-from distmerge.methods.base import disjoint_mean
+from distmerge.methods.base import Block, Method, disjoint_mean, divide_, task_vectors
 from distmerge.methods.dare import MIN_PROBABILITY, check_seed, fp32, uniforms
 from distmerge.reduce import abs_bits
 
@@ -83,7 +82,7 @@ class Della(Method):
         if n == 1:
             return torch.full((1,), fp32(self.density), dtype=torch.float32, device=device)
         r = torch.arange(n, dtype=torch.float64, device=device)          # rank − 1
-        p = (r * (2.0 * self.epsilon)).div_(n - 1).add_(self.density - self.epsilon)
+        p = divide_(r * (2.0 * self.epsilon), n - 1).add_(self.density - self.epsilon)
         return p.to(torch.float32)
 
     def sampled(self, block: Block) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from distmerge.methods.base import Block, Method, weighted_sum
+from distmerge.methods.base import Block, Method, divide_, weighted_sum
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,5 +26,5 @@ class Linear(Method):
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         acc = weighted_sum(block.experts, block.weights)  # [rows, cols]
         if self.normalize:
-            acc /= sum(block.weights)
+            divide_(acc, sum(block.weights))
         return acc

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.methods.base import Block, Method, Partial, task_vectors, weighted_sum
+from distmerge.methods.base import Block, Method, Partial, divide_, task_vectors, weighted_sum
 from distmerge.reduce import exact_sum, row_sums
 
 
@@ -100,5 +100,5 @@ class ModelStock(Method):
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         c = ctx[block.name]
         mean = weighted_sum(block.experts, (1.0,) * block.n_experts)   # [rows, cols], a new tensor
-        mean /= block.n_experts
+        divide_(mean, block.n_experts)
         return mean.mul_(c["t"]).add_(block.base * c["1-t"])
