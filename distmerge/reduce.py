@@ -31,9 +31,33 @@ def abs_bits(x: torch.Tensor) -> torch.Tensor:
     return x.abs().view(torch.int32)
 
 
-def histogram16(keys: torch.Tensor) -> np.ndarray:
-    """Counts of ``keys`` (int32 in [0, 65536)) as int64[65536]."""
-    return torch.bincount(keys.reshape(-1), minlength=BINS).cpu().numpy()
+def histogram16(keys: torch.Tensor, minlength: int = BINS) -> np.ndarray:
+    """Counts of ``keys`` (int32 in [0, minlength)) as int64[minlength]."""
+    return torch.bincount(keys.reshape(-1), minlength=minlength).cpu().numpy()
+
+
+def high_histograms(bits: torch.Tensor) -> np.ndarray:
+    """For ``bits`` [T, ...] (the int32 patterns of non-negative floats): the counts of their
+    high 16 bits, one histogram per leading index, as int64[T, 65536]. One bincount over
+    keys offset by t·65536 instead of T bincounts (each of which zero-fills and scans its own
+    65 536 bins)."""
+    n = bits.shape[0]
+    keys = bits.reshape(n, -1) >> 16
+    keys += torch.arange(n, dtype=keys.dtype, device=keys.device).mul_(BINS).view(n, 1)
+    return histogram16(keys, minlength=n * BINS).reshape(n, BINS)
+
+
+def low_histograms(bits: torch.Tensor, buckets: list[int]) -> np.ndarray:
+    """For ``bits`` [T, ...] as above: the counts of the low 16 bits of the entries whose
+    high 16 bits equal ``buckets[t]`` (none counted for a bucket < 0), as int64[T, 65536]."""
+    n = bits.shape[0]
+    want = torch.tensor(buckets, dtype=bits.dtype, device=bits.device).view((n,) + (1,) * (bits.dim() - 1))
+    inside = (bits >> 16) == want                                   # one pass for all T
+    hists = np.zeros((n, BINS), dtype=np.int64)
+    for t in range(n):
+        if buckets[t] >= 0:
+            hists[t] = histogram16(bits[t][inside[t]] & 0xFFFF)
+    return hists
 
 
 def select_bucket(hist: np.ndarray, k: int) -> tuple[int, int]:

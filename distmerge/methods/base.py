@@ -100,13 +100,16 @@ def task_vectors(block: Block) -> torch.Tensor:
     return block.experts - block.base.unsqueeze(0)
 
 
-def disjoint_mean(trimmed: torch.Tensor, weights: tuple[float, ...], *, majority: float = 1.0) -> torch.Tensor:
+def disjoint_mean(trimmed: torch.Tensor, weights: tuple[float, ...], *, majority: float = 1.0,
+                  total: torch.Tensor | None = None) -> torch.Tensor:
     """TIES elect + disjoint mean (METHODS.md "TIES exactly"): the sign of Σ_t w_t τ̂_t, or
     ``majority`` where that sum is exactly 0; then Σ_t w_t τ̂_t agree_t / Σ_t w_t agree_t (0 where
     no expert agrees). With the elected sign s = ±1, τ̂_t agrees ⇔ τ̂_t · s > 0, and the agreeing
     entries sum to s · Σ_t w_t |τ̂_t| (negation is exact, so this is bit for bit the formula).
-    Overwrites ``trimmed``.  [T, rows, cols] → τ_m [rows, cols]"""
-    total = weighted_sum(trimmed, weights)                              # [rows, cols]
+    Overwrites ``trimmed``; ``total``: Σ_t w_t τ̂_t when the caller has it.
+    [T, rows, cols] → τ_m [rows, cols]"""
+    if total is None:
+        total = weighted_sum(trimmed, weights)                          # [rows, cols]
     elected = torch.sign(total).masked_fill_(total == 0, majority)     # ±1
     aligned = trimmed.mul_(elected)                                     # [T, rows, cols]
     agree = aligned > 0

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from distmerge.methods.base import Block, Method, Partial, task_vectors, weighted_sum
-from distmerge.reduce import abs_bits, histogram16, select_bucket
+from distmerge.reduce import abs_bits, high_histograms, histogram16, select_bucket
 
 ROUND_HIGH, ROUND_LOW, ROUND_TIES = 0, 1, 2
 CUTS = 2          # the outlier cut a and the density cut b
@@ -83,7 +83,7 @@ class Breadcrumbs(Method):
         g = self.group(block.name)
         bits = abs_bits(task_vectors(block))                        # [T, rows, cols]
         if round == ROUND_HIGH:
-            return {f"{g}/high": np.stack([histogram16(b >> 16) for b in bits])}
+            return {f"{g}/high": high_histograms(bits)}
         c = ctx[g]
         if round == ROUND_LOW:
             hists = np.zeros((len(bits), CUTS, 1 << 16), dtype=np.int64)   # [T, 2, 65536]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distmerge.methods.base import Block, Method, Partial, disjoint_mean, task_vectors, weighted_sum
-from distmerge.reduce import abs_bits, bits_to_float, histogram16, select_bucket
+from distmerge.reduce import bits_to_float, high_histograms, low_histograms, select_bucket
 
 ROUND_HIGH, ROUND_LOW, ROUND_SIGN = 0, 1, 2
 
@@ -65,16 +65,10 @@ class Ties(Method):
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
         g = self.group(block.name)
         if round == ROUND_HIGH:
-            high = abs_bits(task_vectors(block)).bitwise_right_shift_(16)   # [T, rows, cols]
-            return {f"{g}/high": np.stack([histogram16(h) for h in high])}
+            return {f"{g}/high": high_histograms(task_vectors(block).abs_().view(torch.int32))}
         c = ctx[g]
-        if round == ROUND_LOW:
-            bits = abs_bits(task_vectors(block))                    # [T, rows, cols]
-            hists = []
-            for b, bucket in zip(bits, c["bucket"]):
-                inside = b[(b >> 16) == bucket] if bucket >= 0 else b[:0]   # bucket −1: keep all
-                hists.append(histogram16(inside.bitwise_and_(0xFFFF)))
-            return {f"{g}/low": np.stack(hists)}
+        if round == ROUND_LOW:                                      # bucket −1: keep all, count none
+            return {f"{g}/low": low_histograms(task_vectors(block).abs_().view(torch.int32), c["bucket"])}
         if round == ROUND_SIGN:
             _, total = self._trim_elect(block, c)
             return {f"{g}/signs": np.array([int(torch.sign(total).sum())], dtype=np.int64)}
@@ -113,12 +107,13 @@ class Ties(Method):
         """τ̂ (trimmed task vectors) and the weighted sum that elects the sign."""
         tau = task_vectors(block)                                   # [T, rows, cols]
         thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device).view(-1, 1, 1)
-        # τ · [|τ| ≥ thr]: a trimmed entry becomes ±0, which counts as 0 everywhere below
-        trimmed = tau.mul_(tau.abs() >= thr)
+        # τ · [|τ| ≥ thr]: a trimmed entry becomes ±0, which counts as 0 everywhere below.
+        # The indicator as fp32 1/0 made in place: several times faster than a bool mask.
+        trimmed = tau.mul_(tau.abs().ge_(thr))
         return trimmed, weighted_sum(trimmed, block.weights)    # [T, rows, cols], [rows, cols]
 
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         c = ctx[self.group(block.name)]
-        trimmed, _ = self._trim_elect(block, c)
-        merged = disjoint_mean(trimmed, block.weights, majority=c["majority"])
+        trimmed, total = self._trim_elect(block, c)
+        merged = disjoint_mean(trimmed, block.weights, majority=c["majority"], total=total)
         return block.base + merged * self.scale if self.scale != 1.0 else block.base + merged
