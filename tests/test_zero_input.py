@@ -330,6 +330,25 @@ def test_a_rerun_has_the_same_identity_so_resume_accepts_it(zero_models, tmp_pat
     assert run_identity(pipeline, again, plan_for(pipeline, again)) == identity
 
 
+@needs_deepspeed
+def test_compress_and_extract_with_a_zero_base(zero_models, tmp_path):
+    """``distmerge compress`` reads a ZeRO base from its staged folder, and records that folder
+    as the base ``extract`` reads: both give the bytes of the same work on the twins."""
+    from distmerge import compress as C
+
+    experts = [{"path": str(zero_models / "twin2")}, {"path": str(zero_models / "twin3")}]
+    method = {"name": "consensus", "tall_lambda": 0.4}
+    out = {}
+    for kind, base in (("twins", str(zero_models / "twin1")), ("zero", zero_entry(zero_models / "zero1"))):
+        pipeline = load_pipeline(write_pipeline(tmp_path / kind, base, experts, method=method))
+        C.compress(pipeline)
+        C.extract(str(tmp_path / kind / "out"), 1, str(tmp_path / kind / "expert1"))
+        out[kind] = (sha256_tree(tmp_path / kind / "out"), sha256_tree(tmp_path / kind / "expert1"))
+    assert out["zero"] == out["twins"]
+    manifest = json.loads((tmp_path / "zero" / "out" / C.MANIFEST).read_text())
+    assert manifest["base"].startswith(str(tmp_path / "zero" / zero.DEFAULT_CACHE_NAME / "zero-zero1-"))
+
+
 # -- bad checkpoints -----------------------------------------------------------------------------
 
 def _copy(zero_models: Path, tmp_path: Path, name: str) -> Path:
