@@ -36,7 +36,9 @@ safetensors folder (fp32, as ZeRO consolidation gives it) under ``input_cache``,
 that afterwards (:mod:`distmerge.checkpoint.zero`). Local paths only. ``input_cache`` (default
 ``.distmerge-inputs`` beside the output folder, so that workers reach it as they reach the
 output): converted inputs live there, keyed by the checkpoint's path, tag and files' sizes and
-modification times, and are reused by later runs and by ``--resume``; delete it when done.
+modification times, and are reused by later runs and by ``--resume``; delete it when done (not
+while a run of it may still be resumed: a new conversion has new file times, so the interrupted
+run's staging folder no longer matches and is refused).
 
 ``allow_nonfinite`` (top level: it is a property of the inputs, beside ``base`` and ``experts``,
 not of the compute resources): by default a NaN or Inf in base or any expert refuses the run

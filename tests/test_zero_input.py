@@ -349,6 +349,23 @@ def test_compress_and_extract_with_a_zero_base(zero_models, tmp_path):
     assert manifest["base"].startswith(str(tmp_path / "zero" / zero.DEFAULT_CACHE_NAME / "zero-zero1-"))
 
 
+@needs_deepspeed
+def test_a_damaged_conversion_is_done_again(zero_models, tmp_path, caplog):
+    cache = str(tmp_path / "cache")
+    ckpt = [(str(zero_models / "zero2"), None)]
+    [folder] = zero.stage_checkpoints(ckpt, cache=cache)
+    shard = Path(folder, "model.safetensors")
+    shard.write_bytes(shard.read_bytes()[:100])
+    converted = []
+    with caplog.at_level(logging.WARNING):
+        assert zero.stage_checkpoints(ckpt, cache=cache, on_convert=lambda: converted.append(1)) == [folder]
+    assert converted == [1] and "incomplete or damaged" in caplog.text
+    twin = load_file(str(zero_models / "twin2" / "model.safetensors"))
+    got = load_file(str(shard))
+    assert set(got) == set(twin) and all(torch.equal(got[k], twin[k]) for k in got)
+    assert os.listdir(cache) == [os.path.basename(folder)]                # no temporary left
+
+
 # -- bad checkpoints -----------------------------------------------------------------------------
 
 def _copy(zero_models: Path, tmp_path: Path, name: str) -> Path:
