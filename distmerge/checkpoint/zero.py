@@ -331,7 +331,8 @@ def _write_shards(state: dict[str, Any], out: str) -> dict[str, int]:
     files: dict[str, int] = {}
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups):
-        fname = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        n = len(groups)
+        fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors: dict[str, torch.Tensor] = {}
         storages: set[int] = set()
         for name in group:
