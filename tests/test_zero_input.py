@@ -319,6 +319,25 @@ def test_a_zero_base_and_an_explicit_cache(zero_models, tmp_path, capsys):
 
 
 @needs_deepspeed
+@pytest.mark.ray
+def test_ray_workers_read_the_staged_conversion(zero_models, tmp_path, ray_session):
+    """Two Ray actors merge from the staged folders (the driver converted; the workers only
+    read safetensors) and write the bytes of the in-process merge of the twins."""
+    from distmerge.engine.driver import run_pipeline
+    from distmerge.engine.executors import RayExecutor
+
+    base = str(zero_models / "base")
+    twins = write_pipeline(tmp_path / "twins", base, [{"path": str(zero_models / f"twin{s}")} for s in (2, 3)])
+    zeros = write_pipeline(tmp_path / "zero", base, [zero_entry(zero_models / f"zero{s}") for s in (2, 3)],
+                           resources={"workers": 2, "slice_size": "512B"})
+    run_pipeline(load_pipeline(twins), executor="local", show_progress=False)
+    summary = run_pipeline(load_pipeline(zeros), executor=RayExecutor(workers=2), show_progress=False)
+    assert summary.slices > 20 and len(summary.worker_peak_rss) == 2, "both actors should have merged"
+    assert summary.stage_seconds["convert"] > 0
+    assert sha256_tree(tmp_path / "zero" / "out") == sha256_tree(tmp_path / "twins" / "out")
+
+
+@needs_deepspeed
 def test_a_rerun_has_the_same_identity_so_resume_accepts_it(zero_models, tmp_path):
     pipeline = load_pipeline(write_pipeline(tmp_path, str(zero_models / "base"),
                                             [zero_entry(zero_models / "zero2"), zero_entry(zero_models / "zero3")]))
