@@ -364,7 +364,7 @@ def compress(pipeline: Pipeline) -> CompressSummary:
         entries += [(mask_name(name, t), "U8", mask_shape(info.shape)) for t in range(T)]
     clash = sorted({n for n, _, _ in entries} & set(integers))
     if clash:
-        raise IncompatibleModelsError(f"{pipeline.base}: tensor names {clash[:3]} clash with the mask "
+        raise IncompatibleModelsError(f"{pipeline.base_path}: tensor names {clash[:3]} clash with the mask "
                                       f"names compress writes (<tensor>{MASK_INFIX}<t>)")
     dtype = pipeline.output.dtype or DEFAULT_DTYPE
     itemsize = max((DTYPE_SIZES[base.tensors[n][1].dtype] for n in floats), default=4)
@@ -417,9 +417,9 @@ def compress(pipeline: Pipeline) -> CompressSummary:
                         writer.write(shard_paths[mp.shard], at, packed.reshape(-1))
                         writes.add(mp.shard, at, packed.reshape(-1), mp.name)
         writer.close()
-        output.finalize(plan, base_url=pipeline.base, out_dtype=None)   # config: the base's, unchanged
+        output.finalize(plan, base_url=base.url, out_dtype=None)   # config: the base's, unchanged
         n_elements = sum(base.tensors[n][1].numel for n in floats)
-        manifest = _manifest(pipeline, methods, floats, integers, dtype,
+        manifest = _manifest(pipeline, base.url, methods, floats, integers, dtype,
                              [o / n_elements if n_elements else 0.0 for o in ones])
         with open(os.path.join(output.staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -441,13 +441,13 @@ def compress(pipeline: Pipeline) -> CompressSummary:
     )
 
 
-def _manifest(pipeline: Pipeline, methods, floats: list[str], integers: list[str], dtype: str,
-              density: list[float]) -> dict[str, Any]:
+def _manifest(pipeline: Pipeline, base_url: str, methods, floats: list[str], integers: list[str],
+              dtype: str, density: list[float]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created_by": f"distmerge {distmerge.__version__}",
-        "base": _abs(pipeline.base),
+        "base": _abs(base_url),           # the safetensors folder read (a ZeRO base's staged one)
         "experts": [{"index": t, "path": e.path, "resolved": _abs(e.path), "mask_density": density[t]}
                     for t, e in enumerate(pipeline.experts)],
         "tall_lambda": methods.default.tall_lambda,

@@ -2,9 +2,11 @@
 
 A pipeline YAML looks like::
 
-    base: path-or-URL
+    base: path-or-URL                       # or a mapping, as an expert without weight
     experts:
       - {path: path-or-URL, weight: 1.0}
+      - {path: /ckpt/run2/checkpoint-500, format: deepspeed_zero, trust_pickle: true, weight: 1.0}
+    input_cache: null                       # where converted inputs are staged (see below)
     allow_nonfinite: false
     method: {name: ties, density: 0.2, scope: model, scale: 1.0}
     overrides:
@@ -22,6 +24,22 @@ driver calls before anything is read.
 
 Paths: ``~`` is expanded; a relative local path is taken relative to the current directory.
 
+Model formats (``format``, default ``safetensors``): a safetensors model is read in place, by
+ranged reads. ``deepspeed_zero`` is a DeepSpeed ZeRO (stage 1-3) training checkpoint: the folder
+holding ``latest`` and the tag folders (``global_step500/``), e.g. a Hugging Face Trainer
+``checkpoint-500/``; ``tag`` picks the tag folder (default: the one ``latest`` names). Its files
+are pickled torch files, and loading a pickle can execute arbitrary code, so such an entry needs
+``trust_pickle: true`` (only for checkpoints you made, or whose source you trust); without it
+the pipeline is refused before any file is opened. distmerge converts it once, on the driver,
+with DeepSpeed's own ``zero_to_fp32`` (``pip install 'distmerge[deepspeed]'``), into a
+safetensors folder (fp32, as ZeRO consolidation gives it) under ``input_cache``, and reads only
+that afterwards (:mod:`distmerge.checkpoint.zero`). Local paths only. ``input_cache`` (default
+``.distmerge-inputs`` beside the output folder, so that workers reach it as they reach the
+output): converted inputs live there, keyed by the checkpoint's path, tag and files' sizes and
+modification times, and are reused by later runs and by ``--resume``; delete it when done (not
+while a run of it may still be resumed: a new conversion has new file times, so the interrupted
+run's staging folder no longer matches and is refused).
+
 ``allow_nonfinite`` (top level: it is a property of the inputs, beside ``base`` and ``experts``,
 not of the compute resources): by default a NaN or Inf in base or any expert refuses the run
 (:class:`~distmerge.errors.NonFiniteError`, naming model, tensor and rows; nothing is written).
@@ -38,10 +56,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distmerge.errors import ConfigError
 
@@ -86,9 +113,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelRef(_Strict):
+MODEL_FORMATS = ("safetensors", "deepspeed_zero")
+
+TRUST_PICKLE_MESSAGE = (
+    "format deepspeed_zero needs trust_pickle: true. A DeepSpeed ZeRO checkpoint is a set of "
+    "pickled torch files (*_model_states.pt, *_optim_states.pt), and loading a pickle can "
+    "execute arbitrary code; set trust_pickle: true only for checkpoints you made yourself or "
+    "whose source you trust. distmerge then converts it once into safetensors and reads only that"
+)
+
+
+class SourceRef(_Strict):
+    """One input model: where it is and how it is stored (see the module docstring)."""
+
     path: str
-    weight: float = Field(default=1.0, allow_inf_nan=False)
+    format: Literal["safetensors", "deepspeed_zero"] = "safetensors"
+    trust_pickle: bool = False
+    tag: str | None = None
 
     @field_validator("path")
     @classmethod
@@ -96,6 +137,42 @@ class ModelRef(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return expand_path(v)
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v in (".", "..") or "/" in v or "\\" in v):
+            raise ValueError("must be the name of a tag folder inside the checkpoint, e.g. global_step500")
+        return v
+
+    @model_validator(mode="after")
+    def _format(self) -> "SourceRef":
+        if self.format == "deepspeed_zero":
+            if not self.trust_pickle:
+                raise ValueError(TRUST_PICKLE_MESSAGE)
+            if "://" in self.path and not self.path.startswith("file://"):
+                raise ValueError("format deepspeed_zero reads local paths only in this version; "
+                                 "copy the checkpoint folder to a local or shared filesystem")
+        else:
+            if self.trust_pickle:
+                raise ValueError("trust_pickle applies only to format: deepspeed_zero; pickle "
+                                 "checkpoints are never loaded otherwise")
+            if self.tag is not None:
+                raise ValueError("tag applies only to format: deepspeed_zero")
+        return self
+
+
+class ModelRef(SourceRef):
+    """An expert: a :class:`SourceRef` and its weight."""
+
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+
+
+_ENTRY = "entry"          # the union tag of a model given as a mapping; left out of error paths
+BaseEntry = Annotated[
+    Union[Annotated[str, Tag("path")], Annotated[SourceRef, Tag(_ENTRY)]],
+    Discriminator(lambda v: "path" if isinstance(v, str) else _ENTRY),
+]
 
 
 class MethodSpec(BaseModel):
@@ -238,8 +315,9 @@ class StorageConfig(_Strict):
 
 class Pipeline(_Strict):
     name: str = "merge"
-    base: str
+    base: BaseEntry                       # a path, or a SourceRef mapping: see base_ref
     experts: list[ModelRef] = Field(min_length=2)
+    input_cache: str | None = None        # see the module docstring
     allow_nonfinite: bool = False         # see the module docstring
     method: MethodSpec
     overrides: list[Override] = Field(default_factory=list)
@@ -251,10 +329,37 @@ class Pipeline(_Strict):
 
     @field_validator("base")
     @classmethod
-    def _base(cls, v: str) -> str:
+    def _base(cls, v: str | SourceRef) -> str | SourceRef:
+        if isinstance(v, SourceRef):
+            return v
         if not v.strip():
             raise ValueError("must not be empty")
         return expand_path(v)
+
+    @field_validator("input_cache")
+    @classmethod
+    def _input_cache(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if "://" in v and not v.startswith("file://"):
+            raise ValueError("must be a local or shared-filesystem path")
+        return expand_path(v)
+
+    @property
+    def base_ref(self) -> SourceRef:
+        """The base as a :class:`SourceRef`, whichever way it was written."""
+        return self.base if isinstance(self.base, SourceRef) else SourceRef(path=self.base)
+
+    @property
+    def base_path(self) -> str:
+        """The path or URL the pipeline names for the base."""
+        return self.base_ref.path
+
+    def models(self) -> list[SourceRef]:
+        """Base, then every expert, as :class:`SourceRef` (experts keep their weights)."""
+        return [self.base_ref, *self.experts]
 
     @field_validator("name")
     @classmethod
@@ -267,7 +372,7 @@ class Pipeline(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"] if p != _ENTRY) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

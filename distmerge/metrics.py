@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("distmerge")
 
-STAGES = ("validate", "ray", "plan", "resume", "stats", "merge", "gather", "publish")
+STAGES = ("validate", "convert", "ray", "plan", "resume", "stats", "merge", "gather", "publish")
 STATES = ("running", "succeeded", "failed")
 WORKER_PARTS = ("read", "compute", "write")
 

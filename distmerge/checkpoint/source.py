@@ -3,7 +3,10 @@
 A model is a folder (local path or any fsspec URL) in the Hugging Face layout: either
 ``model.safetensors.index.json`` naming its shards, or one or more ``*.safetensors`` files.
 A path to a single ``.safetensors`` file is a model too. Pickle checkpoints (``.bin``, ``.pt``,
-``.pth``, ``.ckpt``) are refused: loading them runs arbitrary code.
+``.pth``, ``.ckpt``) are refused: loading them runs arbitrary code. The one exception is a model
+entry with ``format: deepspeed_zero`` and ``trust_pickle: true``: :func:`resolve_models` turns
+it into the safetensors folder it was staged into (:mod:`distmerge.checkpoint.zero`), and only
+that is read here.
 
 Only headers are read here, by ranged reads (8 bytes, then the JSON), many shards at once.
 
@@ -21,6 +24,7 @@ import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -33,11 +37,11 @@ from distmerge.checkpoint.storage import (
     protocol_of,
     use_storage,
 )
-from distmerge.config import StorageConfig
+from distmerge.config import SourceRef, StorageConfig
 from distmerge.errors import SourceNotFoundError, UnsafeCheckpointError
 
 __all__ = ["ModelHeaders", "list_shards", "open_fs", "read_header",
-           "read_model_headers", "use_storage"]
+           "read_model_headers", "resolve_models", "use_storage"]
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -202,6 +206,28 @@ def list_shards(url: str, *, storage: StorageConfig | None = None) -> tuple[tupl
     for n in st:
         _check_inside(url, join(url, n))
     return tuple(join(url, n) for n in st), None
+
+
+def resolve_models(refs: list[SourceRef], *, cache: str,
+                   on_convert: Callable[[], None] | None = None) -> list[str]:
+    """The URL of the safetensors model each entry names: its path, or for ``deepspeed_zero``
+    the folder under ``cache`` its checkpoint is staged into, converted now unless a previous
+    run did (``on_convert`` is called first; see :mod:`distmerge.checkpoint.zero`).
+
+    Raises:
+        SourceNotFoundError, ConfigError, UnsafeCheckpointError: a ZeRO checkpoint is missing,
+            DeepSpeed is not installed, or DeepSpeed cannot read the checkpoint.
+    """
+    zero = [i for i, r in enumerate(refs) if r.format == "deepspeed_zero"]
+    urls = [r.path for r in refs]
+    if zero:
+        from distmerge.checkpoint.zero import stage_checkpoints   # torch and DeepSpeed, lazily
+
+        staged = stage_checkpoints([(refs[i].path, refs[i].tag) for i in zero], cache=cache,
+                                   on_convert=on_convert)
+        for i, folder in zip(zero, staged):
+            urls[i] = folder
+    return urls
 
 
 def read_header(shard_url: str, *, storage: StorageConfig | None = None) -> dict[str, TensorInfo]:

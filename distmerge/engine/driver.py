@@ -41,9 +41,10 @@ from typing import Any
 import distmerge
 from distmerge.checkpoint.compat import check_compatible
 from distmerge.checkpoint.header import DTYPE_BY_NAME, DTYPE_SIZES
-from distmerge.checkpoint.source import ModelHeaders, read_model_headers, use_storage
+from distmerge.checkpoint.source import ModelHeaders, read_model_headers, resolve_models, use_storage
 from distmerge.checkpoint.state import file_fingerprint
 from distmerge.checkpoint.writer import StagedOutput, check_destination, refuse_existing_staging
+from distmerge.checkpoint.zero import default_cache
 from distmerge.config import Pipeline
 from distmerge.engine.executors import Executor, LocalExecutor, RayExecutor
 from distmerge.engine.worker import Job, Report, Task
@@ -122,9 +123,16 @@ class Validated:
     methods: MethodSet
 
 
-def validate(pipeline: Pipeline) -> Validated:
+def input_cache(pipeline: Pipeline) -> str:
+    """Where inputs in other formats (``deepspeed_zero``) are staged as safetensors."""
+    return pipeline.input_cache or default_cache(pipeline.output.path)
+
+
+def validate(pipeline: Pipeline, *, events: RunEvents | None = None) -> Validated:
     """Check everything that can be checked without reading a tensor byte: method parameters,
-    the destination, every model's shards and headers, and their agreement.
+    the destination, every model's shards and headers, and their agreement. A model given as a
+    DeepSpeed ZeRO checkpoint is first staged into safetensors (converted unless already done,
+    in the ``convert`` stage of ``events``), and its headers are read from there.
 
     Raises:
         ConfigError, SourceNotFoundError, UnsafeCheckpointError, IncompatibleModelsError,
@@ -133,9 +141,16 @@ def validate(pipeline: Pipeline) -> Validated:
     methods = build(pipeline.method.name, pipeline.method.params(),
                     [(o.match, o.params()) for o in pipeline.overrides])
     methods.check_weights(tuple(e.weight for e in pipeline.experts))
-    urls = [pipeline.base] + [e.path for e in pipeline.experts]
+    refs = pipeline.models()
     use_storage(pipeline.storage)           # this process's URLs: header reads, config copy
-    check_destination(pipeline.output.path, overwrite=pipeline.output.overwrite, sources=urls)
+    sources = [r.path for r in refs]
+    if any(r.format != "safetensors" for r in refs):
+        sources.append(input_cache(pipeline))
+    check_destination(pipeline.output.path, overwrite=pipeline.output.overwrite, sources=sources)
+    urls = resolve_models(refs, cache=input_cache(pipeline),
+                          on_convert=(lambda: events.stage("convert")) if events else None)
+    if events is not None:
+        events.stage(State.VALIDATE.value)
     with ThreadPoolExecutor(max_workers=16) as pool:
         models = [read_model_headers(u, pool=pool) for u in urls]
     check_compatible(models[0], models[1:])
@@ -449,8 +464,9 @@ class Run:
         return State.GATHER
 
     def _gather(self) -> State:
-        assert self.plan is not None and self.output is not None
-        self.output.finalize(self.plan, base_url=self.pipeline.base, out_dtype=self.pipeline.output.dtype)
+        assert self.plan is not None and self.output is not None and self.validated is not None
+        # the base's side files (config, tokenizer) from the folder its tensors were read from
+        self.output.finalize(self.plan, base_url=self.validated.base.url, out_dtype=self.pipeline.output.dtype)
         self.output.verify(self.plan, self.checksums)
         return State.PUBLISH
 
@@ -478,7 +494,7 @@ def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
     """
     events = RunEvents(pipeline.name, show_progress=show_progress)
     kind = executor if isinstance(executor, str) else type(executor).__name__
-    sources = [pipeline.base] + [e.path for e in pipeline.experts]
+    sources = [r.path for r in pipeline.models()]
     events.describe(method=pipeline.method.name, sources=sources, executor=kind,
                     version=distmerge.__version__)
     m = pipeline.metrics              # bound before any work: a port in use is a ConfigError
@@ -486,7 +502,7 @@ def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
     started = False
     try:
         events.stage(State.VALIDATE.value)
-        validated = validate(pipeline)    # fail fast, before starting Ray
+        validated = validate(pipeline, events=events)    # fail fast, before starting Ray
         if not resume:
             refuse_existing_staging(pipeline.output.path)
         if isinstance(executor, str):
