@@ -1,0 +1,246 @@
+"""Object-store and Hub destinations, and hf:// sources.
+
+S3: a real moto S3 server on 127.0.0.1 (:mod:`tests.s3server`); models big enough that a
+shard is several multipart parts of at least 5 MiB (moto enforces S3's minimum part size on
+completion). Hub: a local HTTP server on 127.0.0.1 implementing the few Hub API calls
+huggingface_hub makes (:mod:`tests.hubserver`), reached through ``storage.hf.endpoint_url``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.checkpoint.objectstore import MAX_PARTS, MIN_PART, ObjectStoreOutput
+from distmerge.config import load_pipeline
+from distmerge.demo import Shape, generate
+from distmerge.engine.driver import run_pipeline
+from distmerge.engine.executors import LocalExecutor
+from distmerge.errors import ConfigError, DestinationError, NonFiniteError
+from distmerge.plan import coalesce_for_parts, make_plan
+from tests.conftest import make_pipeline, sha256_tree
+
+BUCKET = "distmerge-dest"
+# ~17 MB per model in bf16; with 12 MB shards the first shard is 3 multipart parts
+SHAPE = Shape(hidden=512, layers=2, intermediate=1536, vocab=2048, heads=8, kv_heads=4,
+              dtype="bfloat16", shard_size=8_000_000)
+OUT = {"dtype": "bfloat16", "shard_size": "12MB"}
+RESOURCES = {"workers": 2, "slice_size": "1MB"}     # 0.5 MiB slices: joined into >= 5 MiB parts
+
+
+# -- the planner: one slice per part (pure) ---------------------------------------------------------
+
+def _plan(shard_size: int, slice_elements: int):
+    tensors = [(f"layer.{i}.w", "BF16", (1024, 1024)) for i in range(6)] + [("norm", "F32", (1024,))]
+    return make_plan(tensors, out_dtype=None, shard_size=shard_size, slice_elements=slice_elements)
+
+
+@pytest.mark.parametrize("slice_elements", [1000, 65_536, 300_000, 4 * 2**20])
+def test_parts_cover_each_shard_in_order_and_all_but_the_last_reach_the_minimum(slice_elements):
+    plan = _plan(7 * 2**20, slice_elements)
+    out = coalesce_for_parts(plan, min_part=MIN_PART, max_parts=MAX_PARTS)
+    assert [p for s in out.slices for p in s.pieces] == [p for s in plan.slices for p in s.pieces]
+    assert [s.index for s in out.slices] == list(range(len(out.slices)))
+    for si, shard in enumerate(out.shards):
+        mine = [s for s in out.slices if s.shard == si]
+        assert mine[0].start == len(shard.header) and mine[-1].stop == shard.size
+        assert all(a.stop == b.start for a, b in zip(mine, mine[1:]))
+        sizes = [s.nbytes for s in mine]
+        sizes[0] += len(shard.header)
+        assert all(n >= MIN_PART for n in sizes[:-1]), sizes
+        if slice_elements * 2 < MIN_PART:
+            assert len(mine) < len([s for s in plan.slices if s.shard == si])
+
+
+def test_a_shard_needing_too_many_parts_is_refused_before_work():
+    plan = _plan(64 * 2**20, 1000)
+    with pytest.raises(ConfigError, match="multipart parts"):
+        coalesce_for_parts(plan, min_part=2**16, max_parts=50)
+
+
+# -- a real S3 server --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from tests.s3server import S3Server
+
+    server = S3Server()
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> list[Path]:
+    return generate(tmp_path_factory.mktemp("dest-models") / "m", experts=3, shape=SHAPE)
+
+
+@pytest.fixture(scope="module")
+def s3_models(s3, models) -> list[str]:
+    return [s3.upload_folder(folder, BUCKET, f"in/m{i}") for i, folder in enumerate(models)]
+
+
+@pytest.fixture(scope="module")
+def local_reference(models, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("local-ref")
+    run_pipeline(load_pipeline(make_pipeline(root, models, output={"path": str(root / "out"), **OUT},
+                                             resources=RESOURCES)),
+                 executor="local", show_progress=False)
+    return root / "out"
+
+
+@pytest.fixture
+def creds(monkeypatch):
+    monkeypatch.setenv("DM_DEST_KEY", "AKIADESTKEY0000")
+    monkeypatch.setenv("DM_DEST_SECRET", "dest-secret-value-xyz")
+
+
+def _storage(s3) -> dict:
+    return {"s3": {"endpoint_url": s3.endpoint, "region": "us-east-1",
+                   "key_env": "DM_DEST_KEY", "secret_env": "DM_DEST_SECRET"}}
+
+
+def _s3_pipeline(root: Path, s3, urls: list[str], dest: str, **changes) -> Path:
+    return make_pipeline(root, [], base=urls[0], experts=[{"path": u} for u in urls[1:]],
+                         output={"path": dest, **OUT}, resources=RESOURCES, storage=_storage(s3),
+                         **changes)
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    resp = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in resp.get("Contents", []))
+
+
+def _open_uploads(s3, prefix: str = "") -> list[str]:
+    resp = s3.client().list_multipart_uploads(Bucket=BUCKET, Prefix=prefix)
+    return sorted(u["Key"] for u in resp.get("Uploads", []))
+
+
+def _object_digests(s3, prefix: str, suffix: str = ".safetensors") -> dict[str, str]:
+    c = s3.client()
+    return {k.rsplit("/", 1)[1]: hashlib.sha256(c.get_object(Bucket=BUCKET, Key=k)["Body"].read()).hexdigest()
+            for k in _keys(s3, prefix + "/") if k.endswith(suffix)}
+
+
+def test_s3_to_s3_merge_is_byte_identical_to_the_local_merge(tmp_path, s3, s3_models, creds, local_reference):
+    dest = f"s3://{BUCKET}/out/full"
+    summary = run_pipeline(load_pipeline(_s3_pipeline(tmp_path, s3, s3_models, dest)),
+                           executor="local", show_progress=False)
+    want = sha256_tree(local_reference)
+    assert len(want) >= 2
+    assert _object_digests(s3, "out/full") == want
+    c = s3.client()
+    index = json.loads(c.get_object(Bucket=BUCKET, Key="out/full/model.safetensors.index.json")["Body"].read())
+    assert index == json.loads((local_reference / "model.safetensors.index.json").read_text())
+    cfg = c.get_object(Bucket=BUCKET, Key="out/full/config.json")["Body"].read()
+    assert cfg == (local_reference / "config.json").read_bytes()
+    # each shard is one multipart object; the first is several parts (ETag "<md5>-<parts>")
+    parts = {k: int(c.head_object(Bucket=BUCKET, Key=k)["ETag"].strip('"').rsplit("-", 1)[1])
+             for k in _keys(s3, "out/full/") if k.endswith(".safetensors")}
+    assert max(parts.values()) >= 2, parts
+    assert summary.slices == sum(parts.values())
+    # no staging objects, no upload left open
+    assert _keys(s3, "out/.full") == [] and _open_uploads(s3, "out/") == []
+
+
+class PeekAfter(LocalExecutor):
+    """In-process executor that, after ``n`` merge slices, records the open uploads' parts
+    (so a test can show parts existed before the run failed)."""
+
+    def __init__(self, s3, n: int):
+        super().__init__()
+        self.s3, self.n, self.seen, self.parts = s3, n, 0, 0
+
+    def run(self, tasks, ctx, on_report, on_retry=None):
+        def hook(task, report):
+            on_report(task, report)
+            if task.round is None:
+                self.seen += 1
+                if self.seen == self.n:
+                    c = self.s3.client()
+                    for u in c.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []):
+                        self.parts += len(c.list_parts(Bucket=BUCKET, Key=u["Key"],
+                                                       UploadId=u["UploadId"]).get("Parts", []))
+        return super().run(tasks, ctx, hook, on_retry)
+
+
+def test_a_failed_run_leaves_no_object_and_no_open_upload(tmp_path, s3, s3_models, models, creds):
+    # an expert whose last shard holds a NaN: found in the merge pass after parts were uploaded
+    bad = tmp_path / "bad-expert"
+    shutil.copytree(models[2], bad)
+    last = sorted(bad.glob("*.safetensors"))[-1]
+    tensors = load_file(last)
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[7] = float("nan")
+    save_file(tensors, last, metadata={"format": "pt"})
+    urls = [s3_models[0], s3_models[1], s3.upload_folder(bad, BUCKET, "in/bad"), s3_models[3]]
+    dest = f"s3://{BUCKET}/out/failed"
+    peek = PeekAfter(s3, n=2)
+    with pytest.raises(NonFiniteError, match=name):
+        run_pipeline(load_pipeline(_s3_pipeline(tmp_path, s3, urls, dest, method={"name": "linear"})),
+                     executor=peek, show_progress=False)
+    assert peek.parts >= 2                               # parts were uploaded...
+    assert _keys(s3, "out/failed") == [] and _keys(s3, "out/.failed") == []   # ...and nothing is left
+    assert _open_uploads(s3, "out/") == []               # every upload aborted
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashesAfter(LocalExecutor):
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.seen = n, 0
+
+    def run(self, tasks, ctx, on_report, on_retry=None):
+        def hook(task, report):
+            on_report(task, report)
+            if task.round is None:
+                self.seen += 1
+                if self.seen >= self.n:
+                    raise Crash(f"crashed after {self.n} slices")
+        return super().run(tasks, ctx, hook, on_retry)
+
+
+def test_interrupted_s3_run_resumes_to_identical_bytes(tmp_path, s3, s3_models, creds, local_reference):
+    dest = f"s3://{BUCKET}/out/resumed"
+    pipe = _s3_pipeline(tmp_path, s3, s3_models, dest)
+    with pytest.raises(Crash):
+        run_pipeline(load_pipeline(pipe), executor=CrashesAfter(2), show_progress=False)
+    assert _keys(s3, "out/resumed/") == []                       # nothing visible
+    staged = _keys(s3, "out/.resumed")
+    assert any(k.endswith("/plan.json") for k in staged) and any("/manifest-" in k for k in staged)
+    assert _open_uploads(s3, "out/resumed/")                      # kept for the resume
+    with pytest.raises(DestinationError, match="--resume"):
+        run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    summary = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
+    assert summary.resumed and summary.resumed_slices == 2 and summary.redone_slices == 0
+    assert _object_digests(s3, "out/resumed") == sha256_tree(local_reference)
+    assert _keys(s3, "out/.resumed") == [] and _open_uploads(s3, "out/") == []
+
+
+def test_existing_destination_and_bad_urls_are_refused_before_work(tmp_path, s3, s3_models, creds):
+    s3.put(BUCKET, "out/taken/model.safetensors", b"x")
+    with pytest.raises(DestinationError, match="already holds objects"):
+        run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "a", s3, s3_models, f"s3://{BUCKET}/out/taken")),
+                     executor="local", show_progress=False)
+    with pytest.raises(ConfigError, match="not a whole bucket"):
+        run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "b", s3, s3_models, f"s3://{BUCKET}")),
+                     executor="local", show_progress=False)
+    with pytest.raises(ConfigError, match="destinations are"):
+        run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "c", s3, s3_models, "memory://x/out")),
+                     executor="local", show_progress=False)
+    with pytest.raises(DestinationError, match="overlaps the source"):
+        run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "d", s3, s3_models, f"s3://{BUCKET}/in")),
+                     executor="local", show_progress=False)
+    assert _keys(s3, "out/taken/") == ["out/taken/model.safetensors"] and _open_uploads(s3) == []
