@@ -244,3 +244,121 @@ def test_existing_destination_and_bad_urls_are_refused_before_work(tmp_path, s3,
         run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "d", s3, s3_models, f"s3://{BUCKET}/in")),
                      executor="local", show_progress=False)
     assert _keys(s3, "out/taken/") == ["out/taken/model.safetensors"] and _open_uploads(s3) == []
+
+
+# -- a local Hub -------------------------------------------------------------------------------------
+
+HF_TOKEN = "hf_local_test_token_0123456789"
+HF_SOURCES = ["org/base", "org/e1", "org/e2", "org/e3"]
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_models):
+    from tests.hubserver import Hub
+
+    server = Hub(token=HF_TOKEN)
+    for repo, folder in zip(HF_SOURCES, tiny_models):
+        server.upload_folder(folder, repo)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hf_env(monkeypatch, tmp_path):
+    """The token in the environment, named by the pipeline; Xet off (the local hub speaks
+    LFS only), as HF_HUB_DISABLE_XET=1 would do before huggingface_hub is imported."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("DM_HF_TOKEN", HF_TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+
+
+def _hf_storage(hub) -> dict:
+    return {"hf": {"endpoint_url": hub.endpoint, "token_env": "DM_HF_TOKEN"}}
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_models, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny-ref")
+    run_pipeline(load_pipeline(make_pipeline(root, tiny_models)), executor="local", show_progress=False)
+    return root / "out"
+
+
+def _hub_pipeline(root: Path, hub, sources, dest: str, **changes) -> Path:
+    output = {"path": dest, "dtype": "bfloat16", "staging": str(root / "staging"), **changes.pop("output", {})}
+    changes.setdefault("resources", {"workers": 2, "memory_per_worker": "2GB"})
+    return make_pipeline(root, [], base=str(sources[0]), experts=[{"path": str(s)} for s in sources[1:]],
+                         output=output, storage=_hf_storage(hub), **changes)
+
+
+def test_hf_sources_merge_equals_the_local_merge(tmp_path, hub, hf_env, tiny_reference):
+    urls = ["hf://org/base", "hf://org/e1@main", "hf://org/e2", "hf://org/e3"]
+    pipe = _hub_pipeline(tmp_path, hub, urls, str(tmp_path / "out"))
+    run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    assert sha256_tree(tmp_path / "out") == sha256_tree(tiny_reference)
+    assert (tmp_path / "out" / "config.json").read_bytes() == (tiny_reference / "config.json").read_bytes()
+    assert any("/resolve/main/model-" in r for r in hub.requests) and hub.unhandled == []
+
+
+def test_hub_destination_is_one_commit_with_every_file_and_a_model_card(tmp_path, hub, hf_env,
+                                                                        tiny_models, tiny_reference):
+    pipe = _hub_pipeline(tmp_path, hub, tiny_models, "hf://org/merged")
+    run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    repo = hub.repos["org/merged"]
+    assert len(repo.log) == 2                               # created empty, then ONE commit
+    head = hub.head("org/merged")
+    want = sorted(p.name for p in tiny_reference.iterdir()) + ["README.md"]
+    assert sorted(head.files) == sorted(want)
+    for name in want[:-1] if want[-1] == "README.md" else want:
+        if name != "README.md":
+            assert hub.file("org/merged", name) == (tiny_reference / name).read_bytes(), name
+    assert {p for p in head.lfs} == {n for n in want if n.endswith(".safetensors")}
+    card = hub.file("org/merged", "README.md").decode()
+    import distmerge
+
+    assert f"distmerge {distmerge.__version__}" in card and "`ties`" in card and "density: 0.3" in card
+    assert str(tiny_models[1]) in card and "tags:" in card.split("---")[1]
+    assert HF_TOKEN not in card
+    assert list((tmp_path / "staging").iterdir()) == []      # staging folder removed
+    assert hub.unhandled == []
+
+    # the same destination again: refused before work; with overwrite: one more commit
+    again = _hub_pipeline(tmp_path / "again", hub, tiny_models, "hf://org/merged")
+    with pytest.raises(DestinationError, match="already holds weights"):
+        run_pipeline(load_pipeline(again), executor="local", show_progress=False)
+    assert len(repo.log) == 2
+    over = _hub_pipeline(tmp_path / "over", hub, tiny_models, "hf://org/merged",
+                         output={"overwrite": True, "shard_size": "1GB"})
+    run_pipeline(load_pipeline(over), executor="local", show_progress=False)
+    assert len(repo.log) == 3
+    files = hub.head("org/merged").files
+    assert "model.safetensors" in files and not any(f.startswith("model-0") for f in files)
+
+
+def test_hub_branch_destination_and_resume(tmp_path, hub, hf_env, tiny_models, tiny_reference):
+    pipe = _hub_pipeline(tmp_path, hub, tiny_models, "hf://org/branched@dev",
+                         resources={"workers": 2, "slice_size": "4KB"})
+    with pytest.raises(Crash):
+        run_pipeline(load_pipeline(pipe), executor=CrashesAfter(5), show_progress=False)
+    assert "org/branched" not in hub.repos                      # nothing before the commit
+    summary = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
+    assert summary.resumed_slices == 5
+    repo = hub.repos["org/branched"]
+    assert set(repo.branches) == {"main", "dev"} and hub.head("org/branched", "main").files == {}
+    for name, digest in sha256_tree(tiny_reference).items():
+        assert hashlib.sha256(hub.file("org/branched", name, "dev")).hexdigest() == digest
+
+
+def test_hub_limits_and_tokens_are_checked_before_work(tmp_path, hub, hf_env, tiny_models, monkeypatch):
+    with pytest.raises(ConfigError, match="50000000000"):
+        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "a", hub, tiny_models, "hf://org/big",
+                                                 output={"shard_size": "60GB"})),
+                     executor="local", show_progress=False)
+    with pytest.raises(ConfigError, match="hf://org/repo"):
+        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "b", hub, tiny_models, "hf://org/repo/sub")),
+                     executor="local", show_progress=False)
+    monkeypatch.delenv("DM_HF_TOKEN")
+    with pytest.raises(ConfigError, match="DM_HF_TOKEN"):
+        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "c", hub, tiny_models, "hf://org/x")),
+                     executor="local", show_progress=False)
+    assert "org/big" not in hub.repos and "org/x" not in hub.repos
