@@ -35,8 +35,11 @@ Whether a failed run keeps its staging folder is the driver's policy
 Worker side (:class:`ShardWriter`): positional writes of a slice's bytes at their planned
 offset. A slice always writes the same bytes at the same place, so a retried slice is harmless.
 
-This issue's destinations are local or shared filesystems; object stores and the Hub publish
-differently (multipart completion, one commit) and plug in beside this class.
+Object stores and the Hub publish differently and plug in beside this class through the same
+steps (:mod:`distmerge.checkpoint.destination`): :mod:`~distmerge.checkpoint.objectstore`
+(one multipart upload per shard, a :class:`SliceSink` per worker uploading its slices as
+parts) and :mod:`~distmerge.checkpoint.hub` (this class's staging folder, published as one
+commit).
 """
 
 from __future__ import annotations
@@ -89,8 +92,8 @@ def check_destination(dest: str, *, overwrite: bool, sources: list[str]) -> None
     """
     if not is_local(dest):
         raise ConfigError(
-            f"output.path: {dest}: only local or shared-filesystem destinations are supported "
-            "in this version; write to a path and upload the folder"
+            f"output.path: {dest}: not a local or shared-filesystem path "
+            "(see distmerge.checkpoint.destination for s3:// and hf:// destinations)"
         )
     real = os.path.realpath(local_path(dest))
     for src in sources:
