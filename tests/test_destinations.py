@@ -250,6 +250,19 @@ def test_interrupted_s3_run_resumes_to_identical_bytes(tmp_path, s3, s3_models, 
     assert _keys(s3, "out/.resumed") == [] and _open_uploads(s3, "out/") == []
 
 
+def test_overwrite_replaces_the_previous_checkpoint_only_at_publication(tmp_path, s3, s3_models, creds,
+                                                                       local_reference):
+    s3.put(BUCKET, "out/ow/model-00009-of-00009.safetensors", b"old shard")
+    s3.put(BUCKET, "out/ow/config.json", b"old config")
+    pipe = _s3_pipeline(tmp_path, s3, s3_models, f"s3://{BUCKET}/out/ow")
+    with pytest.raises(DestinationError, match="already holds objects"):
+        run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    run_pipeline(load_pipeline(pipe, overwrite=True), executor="local", show_progress=False)
+    assert _object_digests(s3, "out/ow") == sha256_tree(local_reference)      # the stale shard is gone
+    assert s3.client().get_object(Bucket=BUCKET, Key="out/ow/config.json")["Body"].read() == \
+        (local_reference / "config.json").read_bytes()
+
+
 def test_existing_destination_and_bad_urls_are_refused_before_work(tmp_path, s3, s3_models, creds):
     s3.put(BUCKET, "out/taken/model.safetensors", b"x")
     with pytest.raises(DestinationError, match="already holds objects"):
