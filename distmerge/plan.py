@@ -239,6 +239,9 @@ def coalesce_for_parts(plan: Plan, *, min_part: int, max_parts: int) -> Plan:
     """
     if min_part <= 0:
         return plan
+    by_shard: list[list[Slice]] = [[] for _ in plan.shards]
+    for s in plan.slices:
+        by_shard[s.shard].append(s)
     slices: list[Slice] = []
     for si, shard in enumerate(plan.shards):
         group: list[Slice] = []
@@ -251,7 +254,7 @@ def coalesce_for_parts(plan: Plan, *, min_part: int, max_parts: int) -> Plan:
                                     pieces=tuple(p for s in group for p in s.pieces)))
                 group.clear()
 
-        for s in (s for s in plan.slices if s.shard == si):
+        for s in by_shard[si]:
             if group and group[-1].stop != s.start:
                 raise ConfigError(f"slices of {shard.filename} are not contiguous at byte {s.start}")
             group.append(s)

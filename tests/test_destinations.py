@@ -246,6 +246,7 @@ def test_interrupted_s3_run_resumes_to_identical_bytes(tmp_path, s3, s3_models, 
         run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
     summary = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
     assert summary.resumed and summary.resumed_slices == 2 and summary.redone_slices == 0
+    assert summary.stats_rounds_restored >= 1                     # stats.json from the staging prefix
     assert _object_digests(s3, "out/resumed") == sha256_tree(local_reference)
     assert _keys(s3, "out/.resumed") == [] and _open_uploads(s3, "out/") == []
 
@@ -367,6 +368,18 @@ def test_hub_destination_is_one_commit_with_every_file_and_a_model_card(tmp_path
     assert len(repo.log) == 3
     files = hub.head("org/merged").files
     assert "model.safetensors" in files and not any(f.startswith("model-0") for f in files)
+
+
+def test_hub_to_hub_card_records_the_input_revisions(tmp_path, hub, hf_env, tiny_reference):
+    urls = ["hf://org/base", "hf://org/e1@main", "hf://org/e2", "hf://org/e3"]
+    run_pipeline(load_pipeline(_hub_pipeline(tmp_path, hub, urls, "hf://org/from-hub",
+                                             method={"name": "linear"})),
+                 executor="local", show_progress=False)
+    card = hub.file("org/from-hub", "README.md").decode()
+    meta = card.split("---")[1]
+    for repo in HF_SOURCES:
+        assert hub.head(repo).sha in card and f"- {repo}" in meta      # revision and base_model
+    assert "`linear`" in card and hub.unhandled == []
 
 
 def test_hub_branch_destination_and_resume(tmp_path, hub, hf_env, tiny_models, tiny_reference):

@@ -507,12 +507,16 @@ class ObjectStoreOutput:
         if old and not overwrite:
             raise DestinationError(f"output.path: {self.dest} holds objects that appeared during "
                                    "the run; not writing over them")
+        numbers = _part_sizes(plan)
+        parts_of: dict[int, list[dict]] = {si: [] for si in range(len(plan.shards))}
+        for s in plan.slices:
+            parts_of[s.shard].append({"PartNumber": numbers[s.index][0],
+                                      "ETag": self.receipts[s.index]["etag"]})
         written: list[str] = []
         try:
             for si, shard in enumerate(plan.shards):
                 key = f"{self.prefix}/{shard.filename}"
-                parts = [{"PartNumber": p, "ETag": self.receipts[s.index]["etag"]}
-                         for p, s in enumerate((s for s in plan.slices if s.shard == si), start=1)]
+                parts = parts_of[si]
                 self.store.call("complete_multipart_upload", self.shard_path(shard.filename),
                                 "completing the upload of", Bucket=self.bucket, Key=key,
                                 UploadId=self.uploads[si], MultipartUpload={"Parts": parts})
