@@ -17,7 +17,7 @@ Implemented (model repositories only, everything in memory):
 Errors carry the ``X-Error-Code`` header huggingface_hub maps to its exceptions (RepoNotFound,
 RevisionNotFound, EntryNotFound). With ``token`` set, every request must carry
 ``Authorization: Bearer <token>`` (401 otherwise). Every request is logged in ``requests``;
-one that matches nothing gets a 404 and is logged in ``unhandled`` so a test can assert that
+``deny_commits`` makes commits fail with 403. A request that matches nothing gets a 404 and is logged in ``unhandled`` so a test can assert that
 nothing went unanswered. Not implemented: Xet storage (tests disable it, so huggingface_hub
 uses LFS), multipart LFS, pull requests, pagination of listings, other repository types.
 """
@@ -64,6 +64,7 @@ class Hub:
         self.blobs: dict[str, bytes] = {}
         self.requests: list[str] = []
         self.unhandled: list[str] = []
+        self.deny_commits = False          # answer commits 403 (a token that may not write)
         self.lock = threading.Lock()
         self._secret = uuid.uuid4().hex
         hub = self
@@ -374,6 +375,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def commit(self, hub: Hub, query, repo_id: str, rev: str) -> None:
         lines = [json.loads(x) for x in self._body().splitlines() if x.strip()]
+        if hub.deny_commits:
+            return self._error(403, "Forbidden", "You don't have the rights to commit to this repo")
         repo, commit, err = hub._resolve(repo_id, rev)
         if err:
             return self._error(404, err, f"{repo_id}@{rev}: {err}")

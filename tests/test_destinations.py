@@ -129,10 +129,21 @@ def _object_digests(s3, prefix: str, suffix: str = ".safetensors") -> dict[str, 
             for k in _keys(s3, prefix + "/") if k.endswith(suffix)}
 
 
+class Capturing(LocalExecutor):
+    def start(self, job):
+        self.job = job
+        super().start(job)
+
+
 def test_s3_to_s3_merge_is_byte_identical_to_the_local_merge(tmp_path, s3, s3_models, creds, local_reference):
+    import pickle
+
     dest = f"s3://{BUCKET}/out/full"
+    executor = Capturing()
     summary = run_pipeline(load_pipeline(_s3_pipeline(tmp_path, s3, s3_models, dest)),
-                           executor="local", show_progress=False)
+                           executor=executor, show_progress=False)
+    sink = executor.job.sink                                   # what Ray would ship to workers
+    assert len(sink.shards) >= 2 and b"dest-secret-value-xyz" not in pickle.dumps(executor.job)
     want = sha256_tree(local_reference)
     assert len(want) >= 2
     assert _object_digests(s3, "out/full") == want
@@ -394,6 +405,27 @@ def test_hub_branch_destination_and_resume(tmp_path, hub, hf_env, tiny_models, t
     assert set(repo.branches) == {"main", "dev"} and hub.head("org/branched", "main").files == {}
     for name, digest in sha256_tree(tiny_reference).items():
         assert hashlib.sha256(hub.file("org/branched", name, "dev")).hexdigest() == digest
+
+
+def test_a_refused_commit_publishes_nothing_and_the_run_resumes(tmp_path, hub, hf_env, tiny_models,
+                                                                 tiny_reference):
+    from distmerge.errors import AccessDeniedError
+
+    pipe = _hub_pipeline(tmp_path, hub, tiny_models, "hf://org/denied")
+    hub.deny_commits = True
+    try:
+        with pytest.raises(AccessDeniedError, match="DM_HF_TOKEN"):
+            run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    finally:
+        hub.deny_commits = False
+    assert hub.head("org/denied").files == {}                   # created empty, nothing committed
+    staged = list((tmp_path / "staging").iterdir())
+    assert len(staged) == 1                                     # kept: all the work is done
+    summary = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
+    assert summary.resumed_slices == summary.slices
+    assert len(hub.repos["org/denied"].log) == 2
+    for name, digest in sha256_tree(tiny_reference).items():
+        assert hashlib.sha256(hub.file("org/denied", name)).hexdigest() == digest
 
 
 def test_hub_limits_and_tokens_are_checked_before_work(tmp_path, hub, hf_env, tiny_models, monkeypatch):

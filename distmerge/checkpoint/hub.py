@@ -185,8 +185,8 @@ class HubOutput(StagedOutput):
         return out
 
     def publish(self, *, overwrite: bool) -> None:
-        """One commit with every file of the staging folder (state files removed first); the
-        staging folder is deleted after it.
+        """One commit with every file of the staging folder but the resume state; the staging
+        folder is deleted after it (and kept, resumable, when the commit fails).
 
         Raises:
             DestinationError: the revision got weights during the run (without ``overwrite``).
@@ -194,11 +194,6 @@ class HubOutput(StagedOutput):
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         self.close()
-        for name in STATE_FILES:
-            try:
-                os.remove(os.path.join(self.staging, name))
-            except FileNotFoundError:
-                pass
         repo, rev = parse_hub_url(self.dest)
         api = _api(self.storage)
         old = existing_weights(self.dest, self.storage)
@@ -210,7 +205,10 @@ class HubOutput(StagedOutput):
         if rev is not None:
             _call(lambda: api.create_branch(repo, branch=rev, exist_ok=True), self.dest,
                   self.storage, "creating the branch of")
-        names = sorted(os.listdir(self.staging))
+        # the resume state stays in the folder (and out of the commit) until the commit is
+        # made: a refused or failed commit leaves a run that --resume publishes without redoing
+        names = sorted(n for n in os.listdir(self.staging)
+                       if n not in STATE_FILES and not n.endswith(".tmp"))
         ops: list[Any] = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=os.path.join(self.staging, n))
                           for n in names]
         ops += [CommitOperationDelete(path_in_repo=f) for f in old if f not in names]
