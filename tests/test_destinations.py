@@ -436,6 +436,9 @@ def test_hub_limits_and_tokens_are_checked_before_work(tmp_path, hub, hf_env, ti
     with pytest.raises(ConfigError, match="hf://org/repo"):
         run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "b", hub, tiny_models, "hf://org/repo/sub")),
                      executor="local", show_progress=False)
+    with pytest.raises(ConfigError, match="output.staging"):
+        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "s", hub, tiny_models, str(tmp_path / "s" / "out"))),
+                     executor="local", show_progress=False)
     monkeypatch.delenv("DM_HF_TOKEN")
     with pytest.raises(ConfigError, match="DM_HF_TOKEN"):
         run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "c", hub, tiny_models, "hf://org/x")),

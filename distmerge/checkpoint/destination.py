@@ -47,6 +47,9 @@ def check_output(pipeline: Pipeline, sources: list[str]) -> None:
         DestinationError: it exists (without ``overwrite``) or overlaps a source.
     """
     out = pipeline.output
+    if out.staging is not None and not is_hub(out.path):
+        raise ConfigError(f"output.staging: only hf:// destinations are staged there; {out.path} "
+                          "is staged beside itself (remove output.staging)")
     if is_hub(out.path):
         check_hub_destination(out.path, overwrite=out.overwrite, shard_size=out.shard_size,
                               storage=pipeline.storage)
