@@ -331,7 +331,9 @@ def tiny_reference(tiny_models, tmp_path_factory) -> Path:
 
 
 def _hub_pipeline(root: Path, hub, sources, dest: str, **changes) -> Path:
-    output = {"path": dest, "dtype": "bfloat16", "staging": str(root / "staging"), **changes.pop("output", {})}
+    output = {"path": dest, "dtype": "bfloat16", **changes.pop("output", {})}
+    if dest.startswith("hf://"):
+        output.setdefault("staging", str(root / "staging"))
     changes.setdefault("resources", {"workers": 2, "memory_per_worker": "2GB"})
     return make_pipeline(root, [], base=str(sources[0]), experts=[{"path": str(s)} for s in sources[1:]],
                          output=output, storage=_hf_storage(hub), **changes)
@@ -437,7 +439,8 @@ def test_hub_limits_and_tokens_are_checked_before_work(tmp_path, hub, hf_env, ti
         run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "b", hub, tiny_models, "hf://org/repo/sub")),
                      executor="local", show_progress=False)
     with pytest.raises(ConfigError, match="output.staging"):
-        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "s", hub, tiny_models, str(tmp_path / "s" / "out"))),
+        run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "s", hub, tiny_models, str(tmp_path / "s" / "out"),
+                                                 output={"staging": str(tmp_path)})),
                      executor="local", show_progress=False)
     monkeypatch.delenv("DM_HF_TOKEN")
     with pytest.raises(ConfigError, match="DM_HF_TOKEN"):
