@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from distmerge.checkpoint.objectstore import MAX_PARTS, MIN_PART
+from distmerge.checkpoint.multipart import MAX_PARTS, MIN_PART
 from distmerge.config import load_pipeline
 from distmerge.demo import Shape, generate
 from distmerge.engine.driver import run_pipeline

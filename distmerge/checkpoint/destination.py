@@ -24,12 +24,10 @@ from distmerge.checkpoint.hub import (
     is_hub,
     staging_root,
 )
+from distmerge.checkpoint.multipart import MAX_PARTS, MIN_PART, is_object_store
 from distmerge.checkpoint.objectstore import (
-    MAX_PARTS,
-    MIN_PART,
     ObjectStoreOutput,
     check_object_destination,
-    is_object_store,
     object_staging_areas,
 )
 from distmerge.checkpoint.source import is_local
