@@ -200,11 +200,21 @@ class Output(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int = Field(default=2 * 10**9)
     overwrite: bool = False
+    # hf:// outputs: the local (on a multi-node cluster: shared) folder where the checkpoint is
+    # staged before its one commit; default ~/.cache/distmerge/staging
+    staging: str | None = None
 
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
         return expand_path(v)
+
+    @field_validator("staging")
+    @classmethod
+    def _staging(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            raise ValueError("must be a local or shared-filesystem folder, not a URL")
+        return None if v is None else expand_path(v)
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -294,6 +304,33 @@ class S3Storage(_Strict):
         return self
 
 
+class HubStorage(_Strict):
+    """How ``hf://`` URLs (sources and destinations) reach the Hugging Face Hub.
+
+    ``endpoint_url``: another Hub (default: ``HF_ENDPOINT``, else huggingface.co);
+    ``token_env``: the NAME of the environment variable holding the access token (default:
+    huggingface_hub's own lookup, ``HF_TOKEN`` or the saved login).
+    """
+
+    endpoint_url: str | None = None
+    token_env: str | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+    @field_validator("token_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.fullmatch(v):
+            raise ValueError("must be the NAME of an environment variable (letters, digits, "
+                             "'_'), never the token itself")
+        return v
+
+
 class StorageConfig(_Strict):
     """Options for models behind URLs. Holds no secret, so it travels to workers as is.
 
@@ -303,6 +340,7 @@ class StorageConfig(_Strict):
     """
 
     s3: S3Storage = Field(default_factory=S3Storage)
+    hf: HubStorage = Field(default_factory=HubStorage)
     concurrency: int = Field(default=32, ge=1, le=512)
     part_size: int = Field(default=8 * 2**20)
     attempts: int = Field(default=5, ge=1, le=20)

@@ -221,3 +221,53 @@ def make_plan(
         flush()
     return Plan(tensors=plans, shards=tuple(shards), slices=tuple(slices),
                 slice_elements=slice_elements)
+
+
+# -- object-store destinations: one slice per multipart part -------------------------------------
+
+def coalesce_for_parts(plan: Plan, *, min_part: int, max_parts: int) -> Plan:
+    """The plan with consecutive slices of each shard joined until every slice but the last of
+    its shard holds at least ``min_part`` bytes, counting the shard header in front of its first
+    slice (an object store's minimum part size), so that each slice is exactly one part of its
+    shard's multipart upload: part ``k`` of a shard is its ``k``-th slice, and part 1 carries the
+    header. Pieces are kept as they are (a worker processes a joined slice piece by piece, so its
+    memory per piece does not grow; only the slice's output buffer, < ``min_part`` plus one
+    slice, does). Slice indices are renumbered in order. The output bytes do not change.
+
+    Raises:
+        ConfigError: a shard would need more than ``max_parts`` parts.
+    """
+    if min_part <= 0:
+        return plan
+    by_shard: list[list[Slice]] = [[] for _ in plan.shards]
+    for s in plan.slices:
+        by_shard[s.shard].append(s)
+    slices: list[Slice] = []
+    for si, shard in enumerate(plan.shards):
+        group: list[Slice] = []
+        first_of_shard = len(slices)
+
+        def flush() -> None:
+            if group:
+                slices.append(Slice(index=len(slices), shard=si, start=group[0].start,
+                                    stop=group[-1].stop,
+                                    pieces=tuple(p for s in group for p in s.pieces)))
+                group.clear()
+
+        for s in by_shard[si]:
+            if group and group[-1].stop != s.start:
+                raise ConfigError(f"slices of {shard.filename} are not contiguous at byte {s.start}")
+            group.append(s)
+            header = len(shard.header) if len(slices) == first_of_shard else 0
+            if group[-1].stop - group[0].start + header >= min_part:
+                flush()
+        flush()
+        parts = len(slices) - first_of_shard
+        if parts > max_parts:
+            raise ConfigError(
+                f"output.shard_size: {shard.filename} ({shard.size} bytes) would need {parts} "
+                f"multipart parts, over the object store's limit of {max_parts}; lower "
+                "output.shard_size or raise resources.slice_size"
+            )
+    return Plan(tensors=plan.tensors, shards=plan.shards, slices=tuple(slices),
+                slice_elements=plan.slice_elements)

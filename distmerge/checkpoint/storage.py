@@ -91,6 +91,8 @@ def _env(name: str, field: str) -> str:
 def fs_options(protocol: str, storage: StorageConfig) -> dict[str, Any]:
     """Keyword arguments for the fsspec filesystem of ``protocol``, credentials resolved from
     this process's environment. The result holds secrets: never log it."""
+    if protocol == "hf":
+        return hub_options(storage)
     if protocol not in ("s3", "s3a"):
         return {}
     s3 = storage.s3
@@ -116,8 +118,30 @@ def fs_options(protocol: str, storage: StorageConfig) -> dict[str, Any]:
     return opts
 
 
+def hub_options(storage: StorageConfig) -> dict[str, Any]:
+    """Keyword arguments for huggingface_hub (``HfFileSystem``, ``HfApi``): the endpoint and
+    the token read from the variable ``storage.hf.token_env`` names. Holds a secret."""
+    hf = storage.hf
+    opts: dict[str, Any] = {}
+    if hf.endpoint_url:
+        opts["endpoint"] = hf.endpoint_url
+    if hf.token_env:
+        value = os.environ.get(hf.token_env)
+        if not value:
+            raise ConfigError(
+                f"storage.hf.token_env names the environment variable {hf.token_env}, which is "
+                f"not set in this process (host {socket.gethostname()}, pid {os.getpid()}); set "
+                "it on every node"
+            )
+        opts["token"] = value
+    return opts
+
+
 def credentials_note(protocol: str, storage: StorageConfig) -> str:
     """How requests to ``protocol`` are authenticated, by names only (for error messages)."""
+    if protocol == "hf":
+        return (f"the token in the environment variable {storage.hf.token_env}"
+                if storage.hf.token_env else "huggingface_hub's default token (HF_TOKEN, saved login)")
     if protocol not in ("s3", "s3a"):
         return f"the default credentials of the {protocol}:// filesystem"
     s3 = storage.s3
@@ -145,11 +169,13 @@ def filesystem(protocol: str, storage: StorageConfig) -> fsspec.AbstractFileSyst
         ConfigError: a credential variable is not set here.
     """
     opts = fs_options(protocol, storage)
-    key = (os.getpid(), protocol, storage.s3, hash(repr(sorted(opts.items()))))
+    key = (os.getpid(), protocol, storage.s3, storage.hf, hash(repr(sorted(opts.items()))))
     with _lock:
         fs = _filesystems.get(key)
         if fs is None:
             cls = fsspec.get_filesystem_class(protocol)
+            if protocol == "hf":
+                opts = {**opts, "skip_instance_cache": True}
             fs = _filesystems[key] = cls(**opts)
             if protocol in ("s3", "s3a"):
                 fs.retries = 1                      # call_with_retries is the retry policy
@@ -270,6 +296,8 @@ def _scrub(text: str, secrets: list[str]) -> str:
 
 
 def _secrets(protocol: str, storage: StorageConfig) -> list[str]:
+    if protocol == "hf":
+        return [os.environ.get(storage.hf.token_env) or ""] if storage.hf.token_env else []
     s3 = storage.s3
     if protocol not in ("s3", "s3a"):
         return []

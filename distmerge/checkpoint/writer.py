@@ -35,8 +35,11 @@ Whether a failed run keeps its staging folder is the driver's policy
 Worker side (:class:`ShardWriter`): positional writes of a slice's bytes at their planned
 offset. A slice always writes the same bytes at the same place, so a retried slice is harmless.
 
-This issue's destinations are local or shared filesystems; object stores and the Hub publish
-differently (multipart completion, one commit) and plug in beside this class.
+Object stores and the Hub publish differently and plug in beside this class through the same
+steps (:mod:`distmerge.checkpoint.destination`): :mod:`~distmerge.checkpoint.objectstore`
+(one multipart upload per shard, a :class:`SliceSink` per worker uploading its slices as
+parts) and :mod:`~distmerge.checkpoint.hub` (this class's staging folder, published as one
+commit).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import threading
 import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 from distmerge.checkpoint.header import header_length, parse_header
 from distmerge.checkpoint.source import INDEX_NAME, is_local, local_path, open_fs
@@ -89,8 +92,8 @@ def check_destination(dest: str, *, overwrite: bool, sources: list[str]) -> None
     """
     if not is_local(dest):
         raise ConfigError(
-            f"output.path: {dest}: only local or shared-filesystem destinations are supported "
-            "in this version; write to a path and upload the folder"
+            f"output.path: {dest}: not a local or shared-filesystem path "
+            "(see distmerge.checkpoint.destination for s3:// and hf:// destinations)"
         )
     real = os.path.realpath(local_path(dest))
     for src in sources:
@@ -118,9 +121,9 @@ class StagedOutput:
     state); :meth:`prepare` is the resumable one a merge run uses.
     """
 
-    def __init__(self, dest: str, *, run_id: str | None = None):
-        self.dest = os.path.realpath(local_path(dest))
-        parent, name = os.path.split(self.dest)
+    def __init__(self, dest: str, *, run_id: str | None = None, staging_root: str | None = None):
+        parent, name = staging_place(dest, staging_root)
+        self.dest = os.path.join(parent, name) if staging_root is None else dest
         self.run_id = run_id or uuid.uuid4().hex[:12]
         self.staging = os.path.join(parent, f".{name}{STAGING_MARK}{self.run_id}")
         self.identity: dict[str, Any] | None = None
@@ -133,7 +136,8 @@ class StagedOutput:
 
     # -- opening a run's staging folder -------------------------------------------------------
     @classmethod
-    def prepare(cls, dest: str, plan: Plan, identity: dict[str, Any], *, resume: bool) -> "StagedOutput":
+    def prepare(cls, dest: str, plan: Plan, identity: dict[str, Any], *, resume: bool,
+                staging_root: str | None = None) -> "StagedOutput":
         """The staging folder of the run whose identity is ``identity``: created, or (with
         ``resume``) the interrupted run's reopened. Check :attr:`resumed`, then
         :meth:`recorded_slices` and :meth:`load_stats` for what it had finished.
@@ -143,12 +147,12 @@ class StagedOutput:
                 with it, the only staging folders are another pipeline's (or hold no state).
         """
         digest = identity_digest(identity)
-        out = cls(dest, run_id=digest[:16])
+        out = cls(dest, run_id=digest[:16], staging_root=staging_root)
         out.identity, out.digest = identity, digest
-        found = staging_folders(dest)
+        found = staging_folders(dest, staging_root)
         others = [p for p in found if p != out.staging]
         if not resume:
-            refuse_existing_staging(dest)
+            refuse_existing_staging(dest, staging_root)
         elif os.path.isdir(out.staging) and os.path.exists(os.path.join(out.staging, PLAN_FILE)):
             out._reopen(plan)
             if others:
@@ -169,7 +173,7 @@ class StagedOutput:
     def create(self, plan: Plan) -> None:
         """Make the staging folder with every shard at its final size, header written; for a
         resumable run (one from :meth:`prepare`), an empty manifest, then ``plan.json`` last."""
-        os.makedirs(os.path.dirname(self.dest), exist_ok=True)
+        os.makedirs(os.path.dirname(self.staging), exist_ok=True)
         os.makedirs(self.staging)
         for shard in plan.shards:
             with open(self.shard_path(shard.filename), "wb") as f:
@@ -215,8 +219,14 @@ class StagedOutput:
                     os.write(self._manifest_fd, b"\n")
         _fsync_dir(self.staging)
 
-    def record(self, s: Slice, crc32: int) -> None:
-        """Append one finished merge slice to the manifest, durably (fdatasync)."""
+    def sink(self) -> "SinkSpec | None":
+        """What workers write slices with: None, the default positional :class:`ShardWriter`
+        into :meth:`shard_path`."""
+        return None
+
+    def record(self, s: Slice, crc32: int, receipt: dict | None = None) -> None:
+        """Append one finished merge slice to the manifest, durably (fdatasync). ``receipt``
+        (what the worker's sink returned; None for local files) is not needed here."""
         if self._manifest_fd is None:
             return
         line = json.dumps({"slice": s.index, "shard": s.shard, "start": s.start, "stop": s.stop,
@@ -282,16 +292,10 @@ class StagedOutput:
         represent exactly; a resumed run then recomputes the statistics."""
         if self.identity is None:
             return False
-        try:
-            enc = encode_state(ctx)
-        except (TypeError, ValueError) as err:
-            log.warning("statistics context not saved for resume (%s); a resumed run recomputes it", err)
+        blob = stats_blob(self.digest or "", next_round, ctx)
+        if blob is None:
             return False
-        body = json.dumps(enc, sort_keys=True, separators=(",", ":"))
-        _write_atomic(os.path.join(self.staging, STATS_FILE), json.dumps({
-            "format": STAGING_FORMAT, "digest": self.digest, "round": next_round,
-            "ctx_sha256": hashlib.sha256(body.encode()).hexdigest(), "ctx": body,
-        }).encode())
+        _write_atomic(os.path.join(self.staging, STATS_FILE), blob)
         return True
 
     def load_stats(self) -> tuple[int, dict[str, Any]] | None:
@@ -302,18 +306,13 @@ class StagedOutput:
             if os.path.getsize(path) > MAX_STATE_BYTES:
                 raise ValueError("too big")
             with open(path, "rb") as f:
-                state = json.load(f)
-            body = state["ctx"]
-            if (state["format"] != STAGING_FORMAT or state["digest"] != self.digest
-                    or hashlib.sha256(body.encode()).hexdigest() != state["ctx_sha256"]
-                    or not isinstance(state["round"], int) or state["round"] < 1):
-                raise ValueError("does not match this run")
-            return state["round"], decode_state(json.loads(body))
+                data = f.read()
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        except (OSError, ValueError) as err:
             log.warning("%s unusable (%s); the statistics are recomputed", path, err)
             return None
+        return parse_stats_blob(data, self.digest or "", where=path)
 
     def close(self) -> None:
         if self._manifest_fd is not None:
@@ -405,12 +404,54 @@ class StagedOutput:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+# -- the saved statistics, wherever the staging area is -----------------------------------------
+
+def stats_blob(digest: str, next_round: int, ctx: dict[str, Any]) -> bytes | None:
+    """The bytes of ``stats.json`` for the context reduced before ``next_round``, or None when
+    the context holds a value :func:`encode_state` cannot represent exactly."""
+    try:
+        enc = encode_state(ctx)
+    except (TypeError, ValueError) as err:
+        log.warning("statistics context not saved for resume (%s); a resumed run recomputes it", err)
+        return None
+    body = json.dumps(enc, sort_keys=True, separators=(",", ":"))
+    return json.dumps({
+        "format": STAGING_FORMAT, "digest": digest, "round": next_round,
+        "ctx_sha256": hashlib.sha256(body.encode()).hexdigest(), "ctx": body,
+    }).encode()
+
+
+def parse_stats_blob(data: bytes, digest: str, *, where: str) -> tuple[int, dict[str, Any]] | None:
+    """(next round, context) from the bytes of a ``stats.json`` of the run ``digest``, or None
+    (with a warning) when they are torn or belong to another run."""
+    try:
+        state = json.loads(data)
+        body = state["ctx"]
+        if (state["format"] != STAGING_FORMAT or state["digest"] != digest
+                or hashlib.sha256(body.encode()).hexdigest() != state["ctx_sha256"]
+                or not isinstance(state["round"], int) or state["round"] < 1):
+            raise ValueError("does not match this run")
+        return state["round"], decode_state(json.loads(body))
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        log.warning("%s unusable (%s); the statistics are recomputed", where, err)
+        return None
+
+
 # -- finding staging folders, refusing them ------------------------------------------------------
 
-def staging_folders(dest: str) -> list[str]:
+def staging_place(dest: str, staging_root: str | None = None) -> tuple[str, str]:
+    """(the folder that holds ``dest``'s staging folders, the name they start from): beside a
+    local destination (same filesystem: the final rename is atomic); in ``staging_root`` for a
+    destination that is not a local path (the Hub), named after the URL."""
+    if staging_root is None:
+        return os.path.split(os.path.realpath(local_path(dest)))
+    flat = re.sub(r"[^A-Za-z0-9._-]+", "--", dest.split("://", 1)[-1]).strip("-.")
+    return os.path.realpath(staging_root), f"{dest.split('://', 1)[0]}--{flat}"
+
+
+def staging_folders(dest: str, staging_root: str | None = None) -> list[str]:
     """Every staging folder of ``dest`` (any run, any version), oldest first."""
-    real = os.path.realpath(local_path(dest))
-    parent, name = os.path.split(real)
+    parent, name = staging_place(dest, staging_root)
     pattern = re.compile(re.escape(f".{name}{STAGING_MARK}") + r"[0-9a-f]{8,64}")
     try:
         names = os.listdir(parent)
@@ -421,14 +462,15 @@ def staging_folders(dest: str) -> list[str]:
     return sorted(found, key=lambda p: (os.path.getmtime(p), p))
 
 
-def refuse_existing_staging(dest: str) -> None:
+def refuse_existing_staging(dest: str, staging_root: str | None = None) -> None:
     """Raises:
         DestinationError: a staging folder of ``dest`` exists (an interrupted or running run);
             it is neither reused nor deleted without the user saying so."""
-    found = staging_folders(dest)
+    found = staging_folders(dest, staging_root)
     if found:
+        shown = dest if staging_root is not None else os.path.realpath(local_path(dest))
         raise DestinationError(
-            f"output.path: {os.path.realpath(local_path(dest))}: the staging folder {found[-1]} of an "
+            f"output.path: {shown}: the staging folder {found[-1]} of an "
             f"earlier run exists{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}; run again "
             "with --resume to continue it, or delete it to start over (make sure no run is still "
             "writing it)"
@@ -516,10 +558,20 @@ def _write_atomic(path: str, data: bytes) -> None:
 def copy_side_files(base_url: str, out_dir: str, *, out_dtype: str | None) -> list[str]:
     """Copy config, generation config and tokenizer files from the base folder; set the
     config's dtype to the output dtype. Returns the copied names."""
+    files = side_files(base_url, out_dtype=out_dtype)
+    for name, data in files.items():
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(data)
+    return list(files)
+
+
+def side_files(base_url: str, *, out_dtype: str | None) -> dict[str, bytes]:
+    """name -> bytes of the config, generation config and tokenizer files of the base folder
+    (each at most MAX_COPIED_BYTES), the config's dtype set to the output dtype."""
     fs, path = open_fs(base_url)
     if path.endswith(".safetensors"):
         path = posixpath.dirname(path)
-    copied = []
+    copied: dict[str, bytes] = {}
     for entry in fs.ls(path, detail=True):
         name = posixpath.basename(entry["name"])
         if (
@@ -539,10 +591,26 @@ def copy_side_files(base_url: str, out_dir: str, *, out_dtype: str | None) -> li
                 data = json.dumps(cfg, indent=2).encode()
             except ValueError:
                 log.warning("config.json of %s is not JSON; copied unchanged", base_url)
-        with open(os.path.join(out_dir, name), "wb") as f:
-            f.write(data)
-        copied.append(name)
+        copied[name] = data
     return copied
+
+
+class SliceSink(Protocol):
+    """Where a worker's merge slices go (worker side): ``write`` puts one slice's bytes at
+    their planned offset of the shard at ``path`` (a :class:`Job`'s ``shard_paths`` entry) and
+    returns what the driver needs to know about the write (a receipt carried back in the
+    slice's report), or None."""
+
+    def write(self, path: str, offset: int, data) -> dict | None: ...
+
+    def close(self) -> None: ...
+
+
+class SinkSpec(Protocol):
+    """A picklable description of a sink, sent to every worker in its Job; ``open`` builds the
+    worker's own :class:`SliceSink` (with its own connections and credentials)."""
+
+    def open(self) -> SliceSink: ...
 
 
 class ShardWriter:

@@ -43,7 +43,7 @@ from distmerge.checkpoint.compat import check_compatible
 from distmerge.checkpoint.header import DTYPE_BY_NAME, DTYPE_SIZES
 from distmerge.checkpoint.source import ModelHeaders, read_model_headers, resolve_models, use_storage
 from distmerge.checkpoint.state import file_fingerprint
-from distmerge.checkpoint.writer import StagedOutput, check_destination, refuse_existing_staging
+from distmerge.checkpoint.destination import check_output, prepare_output, refuse_staging, shape_plan
 from distmerge.checkpoint.zero import default_cache
 from distmerge.config import Pipeline
 from distmerge.engine.executors import Executor, LocalExecutor, RayExecutor
@@ -146,7 +146,7 @@ def validate(pipeline: Pipeline, *, events: RunEvents | None = None) -> Validate
     sources = [r.path for r in refs]
     if any(r.format != "safetensors" for r in refs):
         sources.append(input_cache(pipeline))
-    check_destination(pipeline.output.path, overwrite=pipeline.output.overwrite, sources=sources)
+    check_output(pipeline, sources)
     urls = resolve_models(refs, cache=input_cache(pipeline),
                           on_convert=(lambda: events.stage("convert")) if events else None)
     if events is not None:
@@ -167,8 +167,8 @@ def plan_for(pipeline: Pipeline, validated: Validated) -> Plan:
         elements = slice_elements_for(pipeline.resources.memory_per_worker,
                                       n_models=n_models, in_itemsize=itemsize)
     out = DTYPE_BY_NAME[pipeline.output.dtype] if pipeline.output.dtype else None
-    return make_plan(tensors, out_dtype=out, shard_size=pipeline.output.shard_size,
-                     slice_elements=elements)
+    return shape_plan(pipeline, make_plan(tensors, out_dtype=out, shard_size=pipeline.output.shard_size,
+                                          slice_elements=elements))
 
 
 def run_identity(pipeline: Pipeline, validated: Validated, plan: Plan) -> dict[str, Any]:
@@ -263,7 +263,7 @@ class Run:
         self.events = events or RunEvents(pipeline.name)
         self.validated = validated
         self.plan: Plan | None = None
-        self.output: StagedOutput | None = None
+        self.output = None                # a destination's output (checkpoint.destination)
         self.ctx: dict[str, Any] = {}
         self.round = 0
         self.checksums: dict[int, int] = {}
@@ -336,9 +336,9 @@ class Run:
     def _plan(self) -> State:
         assert self.validated is not None
         self.plan = plan_for(self.pipeline, self.validated)
-        self.output = StagedOutput.prepare(self.pipeline.output.path, self.plan,
-                                           run_identity(self.pipeline, self.validated, self.plan),
-                                           resume=self.resume)
+        self.output = prepare_output(self.pipeline, self.plan,
+                                     run_identity(self.pipeline, self.validated, self.plan),
+                                     resume=self.resume)
         self.events.set_passes(self.validated.methods.rounds + 1)
         if self.output.resumed:
             # what the interrupted run claims to have finished; kept on failure until checked
@@ -363,6 +363,7 @@ class Run:
             methods=v.methods,
             allow_nonfinite=self.pipeline.allow_nonfinite,
             storage=self.pipeline.storage,
+            sink=self.output.sink(),
         ))
 
     def _resume(self) -> State:
@@ -454,7 +455,7 @@ class Run:
             if report.checksum is None:
                 raise MergeFailedError(f"slice {task.slice.index} reported no checksum")
             self.checksums[task.slice.index] = report.checksum
-            self.output.record(task.slice, report.checksum)
+            self.output.record(task.slice, report.checksum, report.receipt)
             self.recorded += 1
             self._on_report(task, report)
 
@@ -504,7 +505,7 @@ def run_pipeline(pipeline: Pipeline, *, executor: str | Executor = "ray",
         events.stage(State.VALIDATE.value)
         validated = validate(pipeline, events=events)    # fail fast, before starting Ray
         if not resume:
-            refuse_existing_staging(pipeline.output.path)
+            refuse_staging(pipeline)
         if isinstance(executor, str):
             if executor == "ray":
                 events.stage("ray")           # connecting to (or starting) Ray, timed apart

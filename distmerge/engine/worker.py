@@ -24,7 +24,7 @@ import torch
 
 from distmerge.checkpoint.header import TensorInfo
 from distmerge.checkpoint.reader import TORCH_DTYPES, RangeReader, as_bytes
-from distmerge.checkpoint.writer import ShardWriter
+from distmerge.checkpoint.writer import ShardWriter, SinkSpec
 from distmerge.config import StorageConfig
 from distmerge.errors import NonFiniteError
 from distmerge.methods import Block, MethodSet
@@ -50,6 +50,7 @@ class Job:
     methods: MethodSet
     allow_nonfinite: bool = False
     storage: StorageConfig | None = None  # how to open source URLs: env var NAMES, no secrets
+    sink: SinkSpec | None = None          # how merge slices are written (None: ShardWriter)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +65,7 @@ class Report:
     round: int | None
     partial: dict[str, np.ndarray] = field(default_factory=dict)   # float statistics only
     checksum: int | None = None
+    receipt: dict | None = None           # what the sink returned for the slice's write
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: dict[str, float] = field(default_factory=dict)   # read, compute, write
@@ -99,7 +101,7 @@ class SliceWorker:
         self.job = job
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.worker_id = worker_id or f"pid{os.getpid()}"
-        self.writer = ShardWriter()
+        self.writer = job.sink.open() if job.sink is not None else ShardWriter()
         self.pool = ThreadPoolExecutor(max_workers=min(16, len(job.sources)))
         # Two slices may run at once (a Ray actor with max_concurrency 2: one reads or writes
         # while the other computes). Each thread has its own read buffers and fp32 workspace.
@@ -256,7 +258,7 @@ class SliceWorker:
         if out is not None:
             t0 = time.perf_counter()
             data = out.numpy()
-            self.writer.write(self.job.shard_paths[s.shard], s.start, data)
+            rep.receipt = self.writer.write(self.job.shard_paths[s.shard], s.start, data)
             rep.checksum = zlib.crc32(data)
             rep.bytes_written = s.nbytes
             t_write = time.perf_counter() - t0
