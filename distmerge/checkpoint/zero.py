@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from distmerge.checkpoint.source import INDEX_NAME, local_path
+from distmerge.checkpoint.source import INDEX_NAME, is_local, local_path
 from distmerge.errors import ConfigError, SourceNotFoundError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,13 @@ class ZeroCheckpoint:
 
 
 def default_cache(output_path: str) -> str:
-    """``.distmerge-inputs`` beside the output folder: on the filesystem the workers already
-    write to, so every worker can read what the driver staged there."""
+    """``.distmerge-inputs`` beside a local output folder: on the filesystem the workers already
+    write to, so every worker can read what the driver staged there. For an object-store or Hub
+    destination, ``$DISTMERGE_CACHE/inputs`` (default ``~/.cache/distmerge/inputs``): set
+    ``input_cache`` to a shared volume when the workers run on other machines."""
+    if not is_local(output_path):
+        return os.path.join(os.path.expanduser(os.environ.get("DISTMERGE_CACHE", "~/.cache/distmerge")),
+                            "inputs")
     parent = os.path.dirname(os.path.abspath(local_path(output_path)).rstrip("/"))
     return os.path.join(parent, DEFAULT_CACHE_NAME)
 
