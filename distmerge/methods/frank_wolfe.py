@@ -37,12 +37,13 @@ from urllib.parse import quote, unquote
 import numpy as np
 import torch
 
+from distmerge.errors import ConfigError
 from distmerge.methods.base import Block, Method, Partial, weighted_sum
 from distmerge.reduce import exact_value
 from distmerge.select.frank_wolfe import Params, fw_step, initial_coefficients
-from distmerge.select.gram import block_gram, cross_products, exact_sums, unpack
-from distmerge.select.objectives import DataFree, scores_from_products
 from distmerge.reduce import row_sums
+from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
+from distmerge.select.objectives import DataFree, scores_from_products
 
 GROUP = "frank_wolfe"
 LOSSES = ("cross_entropy", "entropy")
@@ -200,8 +201,9 @@ class FrankWolfe(Method):
         names = self._n_and_names(totals)
         grams = {}
         for k, tri in totals.items():
-            m = int(round((math.isqrt(8 * len(tri) + 1) - 1) / 2))          # len = m (m + 1) / 2
+            m = (math.isqrt(8 * len(tri) + 1) - 1) // 2                     # len = m (m + 1) / 2
             grams[tensor_of(k)] = unpack(tri, m)
+        refuse_equal_task_vectors(totals)
         n = next(iter(grams.values())).shape[0] - 1 if grams else 0
         targets = self.targets if self.targets is not None else tuple(range(n))
         if any(t >= n for t in targets):
@@ -246,6 +248,29 @@ class FrankWolfe(Method):
         return {"iterations": self.iterations, "step": self.step, "scale": self.scale,
                 "local_merge": self.local_merge, "granularity": self.granularity,
                 "score": self.score, "init": self.init, "objective": dict(self.objective)}
+
+
+def refuse_equal_task_vectors(totals: Partial) -> None:
+    """Two experts with equal task vectors over the whole model are one model twice: from the
+    exact Gram totals, ‖τ_i − τ_j‖² = G_ii + G_jj − 2 G_ij is exactly 0 then (the same products
+    give the same row sums).
+
+    Raises:
+        ConfigError: naming the two experts (0-based, in the pipeline's order)."""
+    if not totals:
+        return
+    m = (math.isqrt(8 * len(next(iter(totals.values()))) + 1) - 1) // 2
+    index = {p: k for k, p in enumerate(pairs(m))}
+    summed = [0] * len(index)
+    for tri in totals.values():
+        for k, v in enumerate(tri):
+            summed[k] += int(v)
+    for i in range(1, m):
+        for j in range(i + 1, m):
+            if summed[index[(i, i)]] + summed[index[(j, j)]] - 2 * summed[index[(i, j)]] == 0:
+                raise ConfigError(f"experts[{j - 1}] has the same weights as experts[{i - 1}] (equal "
+                                  "task vectors in every tensor); frank_wolfe selects from a pool of "
+                                  "distinct models: remove the duplicate")
 
 
 def _record(t: int, st, f: float, granularity: str) -> dict[str, Any]:

@@ -99,19 +99,37 @@ def bind_pool(methods: "MethodSet", pipeline: "Pipeline", base: "ModelHeaders",
     return MethodSet(dataclasses.replace(fw, objective=obj), [])
 
 
+def _file_identity(url: str) -> str | None:
+    """What makes two shard files one: the same inode (a symlink or hard link, a folder listed
+    under two names) for local files; the same content version (ETag, generation...) and size
+    for stored objects. None when the store reports no version (sizes alone say nothing)."""
+    if is_local(url):
+        st = os.stat(local_path(url))
+        return f"inode:{st.st_dev}:{st.st_ino}"
+    fp = file_fingerprint(url)
+    if len(fp) < 2:
+        return None
+    return json.dumps(fp, sort_keys=True)
+
+
 def _refuse_identical_files(experts: list["ModelHeaders"], urls: list[str]) -> None:
-    """Two experts whose shard files all have the same fingerprint are one model twice."""
-    def fp(m: "ModelHeaders") -> str:
-        return json.dumps([file_fingerprint(s) for s in m.shards], sort_keys=True)
+    """Two experts whose shard files are all the same files (or the same stored versions) are
+    one model twice. (Distinct files with equal bytes are found exactly from the statistics:
+    :func:`distmerge.methods.frank_wolfe.refuse_equal_task_vectors`.)"""
+    def ident(m: "ModelHeaders") -> str | None:
+        ids = [_file_identity(s) for s in m.shards]
+        return None if any(i is None for i in ids) else "|".join(ids)
 
     with ThreadPoolExecutor(max_workers=16) as pool:
-        prints = list(pool.map(fp, experts))
+        idents = list(pool.map(ident, experts))
     seen: dict[str, int] = {}
-    for i, p in enumerate(prints):
+    for i, p in enumerate(idents):
+        if p is None:
+            continue
         if p in seen:
-            raise ConfigError(f"experts[{i}]: {urls[i]} has the same files (size and modification "
-                              f"time, or version) as experts[{seen[p]}] {urls[seen[p]]}; frank_wolfe "
-                              "selects from a pool of distinct models: remove the duplicate")
+            raise ConfigError(f"experts[{i}]: {urls[i]} is the same files as experts[{seen[p]}] "
+                              f"{urls[seen[p]]}; frank_wolfe selects from a pool of distinct models: "
+                              "remove the duplicate")
         seen[p] = i
 
 
