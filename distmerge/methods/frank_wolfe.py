@@ -227,8 +227,9 @@ class FrankWolfe(Method):
             vals = np.array([exact_value(int(v)) for v in arr], dtype=np.float64)
             n = (len(vals) - 2) // 2
             groups[tensor_of(k)] = scores_from_products(vals[:n + 2], vals[n + 2:])
-        coeffs = ({k: np.asarray(v, dtype=np.float64) for k, v in state["coefficients"].items()}
-                  if "coefficients" in state else initial_coefficients(names, n, init=self.init, scale=self.scale))
+        if "coefficients" not in state:
+            state.update(initial_state(self, names, n))
+        coeffs = {k: np.asarray(v, dtype=np.float64) for k, v in state["coefficients"].items()}
         f = float(state.get("objective_now", float("nan")))
         coeffs, st = fw_step(round, groups, coeffs, self.fw_params())
         state["coefficients"] = {k: v.tolist() for k, v in coeffs.items()}
@@ -248,6 +249,12 @@ class FrankWolfe(Method):
         return {"iterations": self.iterations, "step": self.step, "scale": self.scale,
                 "local_merge": self.local_merge, "granularity": self.granularity,
                 "score": self.score, "init": self.init, "objective": dict(self.objective)}
+
+
+def initial_state(method: FrankWolfe, names: list[str], n: int) -> dict[str, Any]:
+    """The coefficients of θ^0 for the tensors ``names`` and ``n`` experts (as in ctx)."""
+    c = initial_coefficients(sorted(names), n, init=method.init, scale=method.scale)
+    return {"coefficients": {k: v.tolist() for k, v in c.items()}}
 
 
 def refuse_equal_task_vectors(totals: Partial) -> None:
@@ -276,5 +283,10 @@ def refuse_equal_task_vectors(totals: Partial) -> None:
 def _record(t: int, st, f: float, granularity: str) -> dict[str, Any]:
     picked: Any = (next(iter(st.picked.values())) if st.picked else None) if granularity == "model" \
         else dict(sorted(st.picked.items()))
-    return {"iteration": t, "picked": picked, "step": st.gamma, "eta": st.eta,
-            "objective": f, "fw_gap": st.gap}
+    rec = {"iteration": t, "picked": picked, "step": st.gamma, "eta": st.eta,
+           "objective": f, "fw_gap": st.gap}
+    if granularity == "model":
+        rec["moved"] = not st.held
+    else:
+        rec["held"] = list(st.held)
+    return rec

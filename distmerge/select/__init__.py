@@ -230,6 +230,9 @@ class Selection:
         """Before the output is verified and published: write the trace into it and remove
         the gradient checkpoint."""
         if self.stage is not None:
+            from distmerge.methods.frank_wolfe import GROUP
+
+            ctx = {**ctx, GROUP: {**ctx[GROUP], "final_objective": self.stage.objective(ctx)}}
             self.stage.remove()
         with open(os.path.join(staging, TRACE_FILE), "w") as f:
             json.dump(self.trace(ctx), f, indent=1)

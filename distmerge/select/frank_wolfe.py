@@ -11,7 +11,8 @@ paper or its code leaves room, are in docs/METHODS-frank_wolfe.md; in short, wit
     pick  j*_t = argmin_j s_j      (model: s_j summed over tensors; tensor: per tensor)
           score inner : s_{g,j} = ⟨∇_g f(θ^t), τ_{g,j}⟩
           score cosine: s_{g,j} = cos(∇_g f(θ^t), θ_{g,j})   (the candidate's weights)
-    c^{t+1} = (1 − η_t) c^t + η_t e_{j*}    (task-arithmetic local merge toward θ_{j*})
+    c^{t+1} = (1 − η_t) c^t + η_t e_{j*}    (task-arithmetic local merge toward θ_{j*});
+          unchanged where the FW gap (per tensor for ``tensor``) is ≤ 0: no vertex descends
     gap   g_t = ⟨∇f(θ^t), θ^t − v_t⟩ with v_t the textbook LMO vertex (argmin of the inner
           score, per tensor for ``tensor``), whatever the score rule: the certificate
           f(θ^t) − min f ≤ g_t when θ^t lies in the feasible hull.
@@ -89,6 +90,7 @@ class Step:
     gamma: float
     eta: float
     gap: float
+    held: tuple[str, ...] = ()  # tensors that did not move: their FW gap was ≤ 0
 
 
 def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray],
@@ -101,7 +103,7 @@ def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray
     g_t = gamma(t, p.step)
     eta = p.scale * g_t
     picked: dict[str, int] = {}
-    gap = 0.0
+    gaps: dict[str, float] = {}
     if p.granularity == "model":
         total = np.zeros(n)
         inner = np.zeros(n)
@@ -112,17 +114,25 @@ def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray
         c = coeffs[names[0]] if names else np.zeros(n)
         gap = float(c @ inner - inner.min()) if n else 0.0
         picked = {name: j for name in names}
+        gaps = {name: gap for name in names}
     else:
+        gap = 0.0
         for name in names:
             g = groups[name]
             picked[name] = argmin_first(scores(g, p.score))
-            gap += float(coeffs[name] @ g.inner - np.min(g.inner))
-    new = {}
+            gaps[name] = float(coeffs[name] @ g.inner - np.min(g.inner))
+            gap += gaps[name]
+    new, held = {}, []
     for name in names:
-        c = (1.0 - eta) * np.asarray(coeffs[name], dtype=np.float64)
+        c = np.asarray(coeffs[name], dtype=np.float64)
+        if gaps[name] <= 0:           # no vertex descends (e.g. at the optimum): stay
+            new[name] = c.copy()
+            held.append(name)
+            continue
+        c = (1.0 - eta) * c
         c[picked[name]] += eta
         new[name] = c
-    return new, Step(picked=picked, gamma=g_t, eta=eta, gap=gap)
+    return new, Step(picked=picked, gamma=g_t, eta=eta, gap=gap, held=tuple(held))
 
 
 def initial_coefficients(names: list[str], n: int, *, init: str, scale: float) -> dict[str, np.ndarray]:

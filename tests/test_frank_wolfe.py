@@ -1,0 +1,295 @@
+"""frank_wolfe (FW-Merging): hand-computed iterations, the Gram path against a direct
+computation, the data path's gradient against autograd, slice invariance of the selection trace
+(in-process whole tensors vs Ray with tiny slices), and the refusals before any work.
+
+(Hand-computed merged tensors for the data-free path are in tests/cases/frank_wolfe.py, run by
+the conformance suite.)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from distmerge.config import load_pipeline
+from distmerge.engine.driver import run_pipeline, validate
+from distmerge.engine.executors import RayExecutor
+from distmerge.errors import ConfigError, IncompatibleModelsError
+from distmerge.methods import build
+from distmerge.reduce import exact_sum, exact_value, row_sums
+from distmerge.select.frank_wolfe import GroupScores, Params, fw_step, gamma
+from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
+from distmerge.select.objectives import DataFree
+from tests.conftest import make_pipeline, sha256_tree
+
+
+def _p(**kw) -> Params:
+    base = dict(iterations=10, step=1.0, scale=1.0, granularity="model", score="inner")
+    return Params(**{**base, **kw})
+
+
+# -- the iteration, by hand -------------------------------------------------------------------
+
+def test_step_sizes_follow_the_authors_rule():
+    assert [gamma(t, 0.1) for t in range(3)] == [0.1 * 2 / 2, 0.1 * 2 / 3, 0.1 * 2 / 4]
+
+
+def _two_tensors():
+    # a: inner [−3, 1, −3] (a tie, first wins), ∇·θ₀ = 0, ‖∇‖² = 4, ‖θ_j‖² = [9, 1, 36]
+    # b: inner [2, −1, 0],  ∇·θ₀ = 1, ‖∇‖² = 1, ‖θ_j‖² = [4, 4, 1]
+    return {
+        "a": GroupScores(inner=np.array([-3.0, 1.0, -3.0]), grad_base=0.0, grad_sq=4.0,
+                         weight_sq=np.array([9.0, 1.0, 36.0])),
+        "b": GroupScores(inner=np.array([2.0, -1.0, 0.0]), grad_base=1.0, grad_sq=1.0,
+                         weight_sq=np.array([4.0, 4.0, 1.0])),
+    }
+
+
+def test_model_granularity_inner_by_hand():
+    c = {"a": np.array([0.5, 0.0, 0.0]), "b": np.array([0.5, 0.0, 0.0])}
+    # summed inner [−1, 0, −3] → expert 2; gap = c·Σinner − min = .5·(−1) − (−3) = 2.5
+    # t = 1, step .75, scale 1: γ = .75·2/3 = .5, c = .5 c + .5 e2 = [.25, 0, .5]
+    new, st = fw_step(1, _two_tensors(), c, _p(step=0.75))
+    assert st.picked == {"a": 2, "b": 2}
+    assert st.gamma == 0.5 and st.eta == 0.5
+    assert st.gap == 2.5
+    assert new["a"].tolist() == [0.25, 0.0, 0.5] and new["b"].tolist() == [0.25, 0.0, 0.5]
+
+
+def test_model_granularity_cosine_by_hand():
+    c = {"a": np.zeros(3), "b": np.zeros(3)}
+    # cos_a = (0 + inner)/(2·‖θ_j‖) = [−3/6, 1/2, −3/12] = [−.5, .5, −.25]
+    # cos_b = (1 + inner)/(1·‖θ_j‖) = [3/2, 0/2, 1/1] = [1.5, 0, 1]
+    # summed [1, .5, .75] → expert 1 (the inner score would pick expert 2)
+    # scale .5, step 1, t = 0: η = .5
+    new, st = fw_step(0, _two_tensors(), c, _p(score="cosine", scale=0.5))
+    assert st.picked == {"a": 1, "b": 1}
+    assert st.eta == 0.5
+    assert st.gap == 3.0             # the textbook gap: 0 − min(summed inner) = 3
+    assert new["a"].tolist() == [0.0, 0.5, 0.0]
+
+
+def test_tensor_granularity_by_hand():
+    c = {"a": np.array([0.0, 1.0, 0.0]), "b": np.array([1.0, 0.0, 0.0])}
+    # inner: a → expert 0 (tie with 2, first wins), b → expert 1
+    # gap = (1 − (−3)) + (2 − (−1)) = 7
+    new, st = fw_step(0, _two_tensors(), c, _p(scale=0.25, granularity="tensor"))
+    assert st.picked == {"a": 0, "b": 1}
+    assert st.gap == 7.0
+    assert new["a"].tolist() == [0.25, 0.75, 0.0] and new["b"].tolist() == [0.75, 0.25, 0.0]
+    # cosine: a → [−.5, .5, −.25] → 0; b → [1.5, 0, 1] → 1
+    _, st = fw_step(0, _two_tensors(), c, _p(score="cosine", granularity="tensor"))
+    assert st.picked == {"a": 0, "b": 1}
+
+
+def test_a_zero_gradient_has_cosine_zero_not_nan():
+    g = GroupScores(inner=np.zeros(2), grad_base=0.0, grad_sq=0.0, weight_sq=np.array([1.0, 0.0]))
+    _, st = fw_step(0, {"w": g}, {"w": np.zeros(2)}, _p(score="cosine"))
+    assert st.picked == {"w": 0} and st.gap == 0.0
+
+
+# -- the Gram path against a direct computation ------------------------------------------------
+
+def test_exact_sums_match_the_reference():
+    g = torch.Generator().manual_seed(0)
+    v = (torch.randn(5, 333, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (5, 333), generator=g)).numpy()
+    got = exact_sums(v)
+    assert [int(x) for x in got] == [exact_sum(row) for row in v]
+
+
+def test_block_gram_is_exact_and_slice_invariant():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, 5, generator=g)                                   # [m, rows, cols]
+    whole = block_gram(x)
+    parts = [block_gram(x[:, r:r + 2]) for r in range(0, 7, 2)]
+    assert [int(a) for a in whole] == [sum(int(p[k]) for p in parts) for k in range(len(whole))]
+    G = unpack(whole, 4)
+    direct = torch.einsum("irc,jrc->ij", x.double(), x.double()).numpy()
+    np.testing.assert_allclose(G, direct, rtol=1e-12, atol=1e-12)
+    # the exact value: Σ of the fp64 row sums, added without rounding
+    i, j = pairs(4)[5]
+    assert G[i, j] == exact_value(exact_sum(row_sums(x[i].double() * x[j].double())))
+
+
+def test_cross_products_against_direct():
+    g = torch.Generator().manual_seed(2)
+    grad, x = torch.randn(3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    got = np.array([exact_value(int(v)) for v in cross_products(grad, x)])
+    want = np.concatenate([(x.double() * grad.double()).sum((1, 2)).numpy(), [(grad.double() ** 2).sum().item()]])
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+def test_data_free_scores_against_the_gradient_computed_directly():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    taus = torch.randn(3, 6, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([base[None], taus])
+    G = torch.einsum("irc,jrc->ij", x, x).numpy()
+    obj = DataFree(grams={"w": G}, targets=(0, 2))
+    c = np.array([0.2, -0.1, 0.4])
+    theta = base + torch.einsum("j,jrc->rc", torch.tensor(c), taus)
+    targets = [base + taus[0], base + taus[2]]
+    grad = theta - (targets[0] + targets[1]) / 2                           # ∇ of 1/(2|K|) Σ‖θ − θ_k‖²
+    f = sum(((theta - t) ** 2).sum() for t in targets) / 4
+    s = obj.scores({"w": c})["w"]
+    np.testing.assert_allclose(s.inner, torch.einsum("rc,jrc->j", grad, taus).numpy(), rtol=1e-10)
+    assert s.grad_base == pytest.approx(float((grad * base).sum()), rel=1e-10)
+    assert s.grad_sq == pytest.approx(float((grad ** 2).sum()), rel=1e-10)
+    np.testing.assert_allclose(s.weight_sq, ((base[None] + taus) ** 2).sum((1, 2)).numpy(), rtol=1e-10)
+    assert obj.value({"w": c}) == pytest.approx(float(f), rel=1e-10)
+
+
+# -- end to end: the trace, its slice invariance -------------------------------------------------
+
+def _trace(folder: Path) -> dict:
+    return json.loads((folder / "out" / "frank_wolfe_trace.json").read_text())
+
+
+FW_TENSOR_COSINE = {"name": "frank_wolfe", "granularity": "tensor", "score": "cosine", "iterations": 4,
+                    "step": 1.0, "scale": 0.5, "init": "base"}
+
+
+def test_trace_in_the_output_and_targets_by_path(tmp_path, tiny_models):
+    spec = {"name": "frank_wolfe", "step": 1.0, "scale": 1.0, "init": "base", "iterations": 3,
+            "objective": {"kind": "data_free", "targets": [str(tiny_models[2])]}}
+    pipe = make_pipeline(tmp_path, tiny_models, method=spec, resources={"slice_size": "4KB", "workers": 1})
+    run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    trace = _trace(tmp_path)
+    its = trace["iterations"]
+    assert [r["iteration"] for r in its] == [0, 1, 2]
+    # one target: the first step (γ0 = 1) lands on it; there ∇f = 0, every score ties (the
+    # first expert is "picked") and the gap is 0, so the model stays
+    assert [r["picked"] for r in its] == [str(tiny_models[2])] + [str(tiny_models[1])] * 2
+    assert [r["moved"] for r in its] == [True, False, False]
+    assert its[0]["objective"] > 0 and its[1]["objective"] == 0 and its[1]["fw_gap"] == 0
+    assert [r["step"] for r in its] == [1.0, 2 / 3, 0.5]
+    assert trace["coefficients"] == {str(m): (1.0 if m == tiny_models[2] else 0.0) for m in tiny_models[1:]}
+    assert trace["method"]["objective"]["targets"] == [1]
+    out = load_file(str(tmp_path / "out" / "model-00001-of-00001.safetensors")) \
+        if (tmp_path / "out" / "model-00001-of-00001.safetensors").exists() else None
+    got = {}
+    for p in (tmp_path / "out").glob("*.safetensors"):
+        got.update(load_file(str(p)))
+    want = {}
+    for p in Path(tiny_models[2]).glob("*.safetensors"):
+        want.update(load_file(str(p)))
+    for n in want:                                    # θ₀ + 1·τ_target, in bf16: the target
+        assert torch.equal(got[n], want[n]), n
+    del out
+
+
+@pytest.mark.ray
+def test_trace_is_slice_invariant_local_vs_ray(ray_session, tmp_path, tiny_models):
+    whole = make_pipeline(tmp_path / "whole", tiny_models, method=FW_TENSOR_COSINE,
+                          resources={"slice_size": "1GB", "workers": 1})
+    sliced = make_pipeline(tmp_path / "sliced", tiny_models, method=FW_TENSOR_COSINE,
+                           resources={"slice_size": "256B", "workers": 2})
+    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
+    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
+    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
+    picks = {j for r in a["iterations"] for j in r["picked"].values()}
+    assert len(picks) > 1, "tensor granularity picked one expert everywhere: a weak test"
+    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
+
+
+def test_metrics_export_the_last_iteration(tmp_path, tiny_models):
+    from distmerge.metrics import RunEvents
+
+    from distmerge.engine.driver import Run
+    from distmerge.engine.executors import LocalExecutor
+
+    pipe = load_pipeline(make_pipeline(tmp_path, tiny_models, method={**FW_TENSOR_COSINE, "iterations": 2}))
+    events = RunEvents(pipe.name, show_progress=False)
+    Run(pipe, executor=LocalExecutor(), events=events).execute()
+    r = events.metrics.registry
+    last = _trace(tmp_path)["iterations"][-1]
+    assert r.get_sample_value("distmerge_fw_iteration", {"run": pipe.name}) == 1
+    assert r.get_sample_value("distmerge_fw_objective", {"run": pipe.name}) == last["objective"]
+    assert r.get_sample_value("distmerge_fw_gap", {"run": pipe.name}) == last["fw_gap"]
+
+
+# -- refusals before any work -------------------------------------------------------------------
+
+def _refused(tmp_path, models, err=ConfigError, **changes):
+    pipe = make_pipeline(tmp_path, models, **changes)
+    with pytest.raises(err) as info:
+        validate(load_pipeline(pipe))
+    assert not (tmp_path / "out").exists()
+    return str(info.value)
+
+
+def test_duplicate_expert_path_is_refused(tmp_path, tiny_models):
+    models = [tiny_models[0], tiny_models[1], tiny_models[2], tiny_models[1]]
+    msg = _refused(tmp_path, models, method={"name": "frank_wolfe"})
+    assert "experts[2]" in msg and "experts[0] again" in msg
+
+
+def test_duplicate_expert_through_a_link_is_refused(tmp_path, tiny_models):
+    link = tmp_path / "same-as-expert-1"                 # another folder, the same files
+    link.mkdir()
+    for f in Path(tiny_models[1]).iterdir():
+        (link / f.name).hardlink_to(f)
+    msg = _refused(tmp_path / "p", [*tiny_models, link], method={"name": "frank_wolfe"})
+    assert "same files" in msg
+
+
+def test_a_copied_expert_is_refused_from_the_exact_gram(tmp_path, tiny_models):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_models[2], copy)
+    pipe = make_pipeline(tmp_path / "p", [*tiny_models, copy], method={"name": "frank_wolfe"})
+    with pytest.raises(ConfigError, match=r"experts\[3\] has the same weights as experts\[1\]"):
+        run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    assert not (tmp_path / "p" / "out").exists()
+
+
+def test_expert_of_another_architecture_is_refused(tmp_path, tiny_models):
+    other = tmp_path / "other"
+    other.mkdir()
+    save_file({"w": torch.zeros(3, 3)}, str(other / "model.safetensors"))
+    _refused(tmp_path / "p", [*tiny_models, other], IncompatibleModelsError, method={"name": "frank_wolfe"})
+
+
+def test_target_not_in_the_pool_is_refused(tmp_path, tiny_models):
+    msg = _refused(tmp_path, tiny_models, method={"name": "frank_wolfe", "objective": {
+        "kind": "data_free", "targets": [str(tmp_path / "elsewhere")]}})
+    assert "targets[0]" in msg and "not one of the experts" in msg
+
+
+@pytest.mark.parametrize("params, where", [
+    ({"step": 0}, "method.step"),
+    ({"iterations": 0}, "method.iterations"),
+    ({"step": 1.0, "scale": 2.0}, "method.scale"),
+    ({"granularity": "layer"}, "method.granularity"),
+    ({"score": "dot"}, "method.score"),
+    ({"local_merge": "ties"}, "method.local_merge"),
+    ({"objective": {"kind": "oracle"}}, "method.objective.kind"),
+    ({"objective": {"kind": "data_free", "targets": []}}, "method.objective.targets"),
+    ({"objective": {"kind": "data_free", "target": [0]}}, "method.objective.target"),
+    ({"objective": {"kind": "data", "model": "nomodule", "tasks": [{"data": "x"}]}}, "method.objective.model"),
+    ({"objective": {"kind": "data", "model": "a:b", "tasks": [{"data": "x", "loss": "mse"}]}},
+     "method.objective.tasks[0].loss"),
+    ({"stepsize": 1}, "method.stepsize"),
+])
+def test_bad_parameters_are_refused(params, where):
+    with pytest.raises(ConfigError) as info:
+        build("frank_wolfe", params)
+    assert str(info.value).startswith(where + ":"), str(info.value)
+
+
+def test_weights_and_overrides_are_refused(tmp_path, tiny_models):
+    pipe = make_pipeline(tmp_path, tiny_models, method={"name": "frank_wolfe"})
+    data = load_pipeline(pipe).model_dump()
+    data["experts"][0]["weight"] = 2.0
+    (tmp_path / "w.yaml").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="weight at 1"):
+        validate(load_pipeline(tmp_path / "w.yaml"))
+    msg = _refused(tmp_path / "o", tiny_models, method={"name": "frank_wolfe"},
+                   overrides=[{"match": "*norm*", "iterations": 2}])
+    assert "no overrides" in msg
