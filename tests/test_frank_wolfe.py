@@ -293,3 +293,159 @@ def test_weights_and_overrides_are_refused(tmp_path, tiny_models):
     msg = _refused(tmp_path / "o", tiny_models, method={"name": "frank_wolfe"},
                    overrides=[{"match": "*norm*", "iterations": 2}])
     assert "no overrides" in msg
+
+
+# -- the data objective -----------------------------------------------------------------------
+
+class TinyMLP(torch.nn.Module):
+    """6 → 5 → 3 classes, with an integer buffer (copied from the base, no gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 5)
+        self.fc2 = torch.nn.Linear(5, 3)
+        self.register_buffer("version", torch.tensor([7], dtype=torch.int64))
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def tiny_mlp() -> TinyMLP:
+    return TinyMLP()
+
+
+def _mlp_pool(folder: Path, n: int = 3) -> list[Path]:
+    g = torch.Generator().manual_seed(5)
+    base = {k: v.clone() for k, v in TinyMLP().state_dict().items()}
+    for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"):
+        base[k] = torch.randn(base[k].shape, generator=g) * 0.5
+    paths = []
+    for i in range(n + 1):
+        d = folder / (f"e{i}" if i else "base")
+        d.mkdir(parents=True)
+        t = {k: (v + torch.randn(v.shape, generator=g) * 0.3 if i and v.is_floating_point() else v)
+             for k, v in base.items()}
+        save_file(t, str(d / "model.safetensors"))
+        paths.append(d)
+    return paths
+
+
+def _mlp_data(folder: Path) -> list[dict]:
+    g = torch.Generator().manual_seed(6)
+    x1, y1 = torch.randn(23, 6, generator=g), torch.randint(0, 3, (23,), generator=g)
+    x2 = torch.randn(17, 6, generator=g)
+    save_file({"inputs": x1, "labels": y1}, str(folder / "labelled.safetensors"))
+    save_file({"inputs": x2}, str(folder / "unlabelled.safetensors"))
+    return [{"data": str(folder / "labelled.safetensors"), "loss": "cross_entropy"},
+            {"data": str(folder / "unlabelled.safetensors"), "loss": "entropy"}]
+
+
+def _data_spec(tasks, **kw) -> dict:
+    return {"name": "frank_wolfe", "iterations": 3, "step": 1.0, "scale": 0.5, **kw,
+            "objective": {"kind": "data", "model": "tests.test_frank_wolfe:tiny_mlp",
+                          "tasks": tasks, "batch_size": 7}}
+
+
+def _direct_loss(state: dict[str, torch.Tensor], tasks) -> torch.Tensor:
+    """f over the whole sets, on the whole model, for autograd."""
+    model = TinyMLP().eval()
+    losses = []
+    for t in tasks:
+        d = load_file(t["data"])
+        logits = torch.func.functional_call(model, state, (d["inputs"],))
+        if t["loss"] == "cross_entropy":
+            losses.append(torch.nn.functional.cross_entropy(logits, d["labels"]))
+        else:
+            p = torch.softmax(logits, -1)
+            losses.append(-(p * torch.log(p)).sum(-1).mean())
+    return sum(losses) / len(losses)
+
+
+def test_data_gradient_matches_autograd_on_the_whole_model(tmp_path):
+    from distmerge.select.gradient import GradientStage
+
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    pipe = load_pipeline(make_pipeline(tmp_path, models, method=_data_spec(tasks),
+                                       output={"path": str(tmp_path / "out")}))
+    v = validate(pipe)
+    stage = GradientStage(v.methods.default, base=v.base, experts=v.experts, folder=str(tmp_path / "g"))
+    ctx = stage.run(0, {})
+    got = load_file(str(tmp_path / "g" / "model.safetensors"))
+    # θ^0 (init: merge) = θ₀ + scale · Σ_j τ_j, in fp32 as the merge pass computes it
+    pool = [load_file(str(m / "model.safetensors")) for m in models]
+    theta = {}
+    for k, b in pool[0].items():
+        if b.is_floating_point():
+            acc = (pool[1][k] - b) * 0.5
+            for e in pool[2:]:
+                acc += (e[k] - b) * 0.5
+            theta[k] = (b + acc).requires_grad_()
+        else:
+            theta[k] = b
+    f = _direct_loss(theta, tasks)
+    floats = [k for k in theta if theta[k].is_floating_point()]
+    grads = torch.autograd.grad(f, [theta[k] for k in floats])
+    for k, gk in zip(floats, grads):
+        torch.testing.assert_close(got[k], gk, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got["version"], torch.zeros(1))               # an integer buffer: 0
+    assert ctx["frank_wolfe"]["objective_now"] == pytest.approx(float(f.detach()), rel=1e-6)
+    stage.remove()
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("granularity, score", [("model", "inner"), ("tensor", "cosine")])
+def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granularity, score):
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    spec = _data_spec(tasks, granularity=granularity, score=score)
+    whole = make_pipeline(tmp_path / "whole", models, method=spec, output={"path": str(tmp_path / "whole" / "out")},
+                          resources={"slice_size": "1GB", "workers": 1})
+    sliced = make_pipeline(tmp_path / "sliced", models, method=spec, output={"path": str(tmp_path / "sliced" / "out")},
+                           resources={"slice_size": "16B", "workers": 2})
+    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
+    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
+    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
+    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
+    assert not any(p.name == "frank_wolfe_gradient" for p in (tmp_path / "whole" / "out").iterdir())
+    # iteration 0 against autograd: f(θ^0) and the pick from ⟨∇f, τ_j⟩ (or cos(∇f, θ_j))
+    pool = [load_file(str(m / "model.safetensors")) for m in models]
+    floats = [k for k, t in pool[0].items() if t.is_floating_point()]
+    theta = {k: (pool[0][k] + sum((e[k] - pool[0][k]) * 0.5 for e in pool[1:])).requires_grad_()
+             if k in floats else pool[0][k] for k in pool[0]}
+    f = _direct_loss(theta, tasks)
+    grads = dict(zip(floats, torch.autograd.grad(f, [theta[k] for k in floats])))
+    first = a["iterations"][0]
+    assert first["objective"] == pytest.approx(float(f.detach()), rel=1e-5)
+    if granularity == "model":
+        inner = [sum(float((grads[k] * (e[k] - pool[0][k])).sum()) for k in floats) for e in pool[1:]]
+        assert first["picked"] == str(models[1 + int(np.argmin(inner))])
+    else:
+        for k in floats:
+            cos = [float(torch.nn.functional.cosine_similarity(grads[k].flatten(), e[k].flatten(), dim=0))
+                   for e in pool[1:]]
+            assert first["picked"][k] == str(models[1 + int(np.argmin(cos))]), k
+    assert len(a["gradient_stage_bytes_read"]) == 4         # 3 iterations + the final objective
+    assert len(a["stats_pass_bytes_read"]) == 3 and min(a["stats_pass_bytes_read"]) > 0
+    assert "final_objective" in a
+
+
+def test_data_objective_refusals(tmp_path):
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    bad_model = _data_spec(tasks)
+    bad_model["objective"]["model"] = "tests.test_frank_wolfe:_mlp_data"
+    with pytest.raises(ConfigError, match="failed|torch.nn.Module"):
+        validate(load_pipeline(make_pipeline(tmp_path / "a", models, method=bad_model)))
+    other = _data_spec(tasks)
+    other["objective"]["model"] = "torch.nn:Identity"
+    with pytest.raises(ConfigError, match="does not match the checkpoint"):
+        validate(load_pipeline(make_pipeline(tmp_path / "b", models, method=other)))
+    no_labels = _data_spec([{"data": tasks[1]["data"], "loss": "cross_entropy"}])
+    with pytest.raises(ConfigError, match="needs a tensor 'labels'"):
+        validate(load_pipeline(make_pipeline(tmp_path / "c", models, method=no_labels)))
+    missing = _data_spec([{"data": str(tmp_path / "nope.safetensors")}])
+    with pytest.raises(ConfigError, match="is not a file"):
+        validate(load_pipeline(make_pipeline(tmp_path / "d", models, method=missing)))
