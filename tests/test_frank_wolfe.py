@@ -199,6 +199,22 @@ def test_trace_is_slice_invariant_local_vs_ray(ray_session, tmp_path, tiny_model
     assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
 
 
+@pytest.mark.ray
+def test_ties_local_merge_is_slice_invariant_local_vs_ray(ray_session, tmp_path, tiny_models):
+    spec = {**FW_TENSOR_COSINE, "local_merge": "ties", "init": "merge", "iterations": 2, "density": 0.4}
+    whole = make_pipeline(tmp_path / "whole", tiny_models, method=spec,
+                          resources={"slice_size": "1GB", "workers": 1})
+    sliced = make_pipeline(tmp_path / "sliced", tiny_models, method=spec,
+                           resources={"slice_size": "1KB", "workers": 2})
+    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
+    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
+    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    assert a["iterations"] == b["iterations"]
+    assert len(a["stats_pass_bytes_read"]) == 3 + 3 * 2
+    assert all(r["threshold"] > 0 for r in a["iterations"])
+    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
+
+
 def test_metrics_export_the_last_iteration(tmp_path, tiny_models):
     from distmerge.metrics import RunEvents
 
@@ -268,7 +284,8 @@ def test_target_not_in_the_pool_is_refused(tmp_path, tiny_models):
     ({"step": 1.0, "scale": 2.0}, "method.scale"),
     ({"granularity": "layer"}, "method.granularity"),
     ({"score": "dot"}, "method.score"),
-    ({"local_merge": "ties"}, "method.local_merge"),
+    ({"local_merge": "dare"}, "method.local_merge"),
+    ({"density": 1.5}, "method.density"),
     ({"objective": {"kind": "oracle"}}, "method.objective.kind"),
     ({"objective": {"kind": "data_free", "targets": []}}, "method.objective.targets"),
     ({"objective": {"kind": "data_free", "target": [0]}}, "method.objective.target"),
@@ -395,11 +412,14 @@ def test_data_gradient_matches_autograd_on_the_whole_model(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("granularity, score", [("model", "inner"), ("tensor", "cosine")])
-def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granularity, score):
+@pytest.mark.parametrize("granularity, score, local_merge", [
+    ("model", "inner", "task_arithmetic"), ("tensor", "cosine", "task_arithmetic"), ("tensor", "inner", "ties")])
+def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granularity, score, local_merge):
     models = _mlp_pool(tmp_path / "m")
     tasks = _mlp_data(tmp_path)
-    spec = _data_spec(tasks, granularity=granularity, score=score)
+    ties = local_merge == "ties"
+    spec = _data_spec(tasks, granularity=granularity, score=score, local_merge=local_merge,
+                      **({"init": "base", "density": 0.5} if ties else {}))
     whole = make_pipeline(tmp_path / "whole", models, method=spec, output={"path": str(tmp_path / "whole" / "out")},
                           resources={"slice_size": "1GB", "workers": 1})
     sliced = make_pipeline(tmp_path / "sliced", models, method=spec, output={"path": str(tmp_path / "sliced" / "out")},
@@ -413,7 +433,7 @@ def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granulari
     # iteration 0 against autograd: f(θ^0) and the pick from ⟨∇f, τ_j⟩ (or cos(∇f, θ_j))
     pool = [load_file(str(m / "model.safetensors")) for m in models]
     floats = [k for k, t in pool[0].items() if t.is_floating_point()]
-    theta = {k: (pool[0][k] + sum((e[k] - pool[0][k]) * 0.5 for e in pool[1:])).requires_grad_()
+    theta = {k: (pool[0][k] + (0 if ties else sum((e[k] - pool[0][k]) * 0.5 for e in pool[1:]))).requires_grad_()
              if k in floats else pool[0][k] for k in pool[0]}
     f = _direct_loss(theta, tasks)
     grads = dict(zip(floats, torch.autograd.grad(f, [theta[k] for k in floats])))
@@ -428,7 +448,9 @@ def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granulari
                    for e in pool[1:]]
             assert first["picked"][k] == str(models[1 + int(np.argmin(cos))]), k
     assert len(a["gradient_stage_bytes_read"]) == 4         # 3 iterations + the final objective
-    assert len(a["stats_pass_bytes_read"]) == 3 and min(a["stats_pass_bytes_read"]) > 0
+    assert len(a["stats_pass_bytes_read"]) == (9 if ties else 3) and min(a["stats_pass_bytes_read"]) > 0
+    if ties:
+        assert a["coefficients"] is None and all("threshold" in r for r in a["iterations"])
     assert "final_objective" in a
 
 

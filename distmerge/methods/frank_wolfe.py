@@ -22,9 +22,18 @@ How it runs in the engine's protocol (stats → reduce → merge):
   returns exact ⟨∇f, θ₀⟩, ⟨∇f, τ_j⟩, ‖∇f‖², ‖θ_j‖² per tensor, and ``reduce`` makes one step.
   Each iteration reads the pool once more (bytes logged per iteration).
 
-Only ``local_merge: task_arithmetic`` is built; ``ties`` is refused with a ConfigError (see
-the docs for what it needs). The experts' ``weight`` must stay 1: the method sets every
-expert's coefficient itself.
+- ``local_merge: ties`` — the model is no longer a combination of the pool: θ^{t+1} =
+  θ^t + scale·γ_t · trim(θ_pick − θ^t), the trim keeping the entries of |θ_pick − θ^t| at or
+  above its model-wide (n − int(density·n))-th smallest value (the authors' ``ties_merge`` of
+  one model: trim, then elect and disjoint mean, which for one model keep the trimmed vector).
+  The workers replay θ^t on each block from the driver's record (the initial TIES merge's
+  thresholds, then each iteration's pick, η and threshold; elementwise in fp32), so each
+  iteration is three statistics rounds: the scores at θ^t (⟨D, ·⟩ with D = θ^t − θ₀ for the
+  data-free objective; ⟨∇f, ·⟩ and ⟨∇f, D⟩ for the data one), then the two radix-select rounds
+  of the trim threshold (:mod:`distmerge.reduce`). ``init: merge`` adds the three rounds of
+  the initial TIES merge (model scope, ``density``, ``scale``). Each round reads the pool.
+
+The experts' ``weight`` must stay 1: the method sets every expert's coefficient itself.
 """
 
 from __future__ import annotations
@@ -39,11 +48,11 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import Block, Method, Partial, weighted_sum
-from distmerge.reduce import exact_value
-from distmerge.select.frank_wolfe import Params, fw_step, initial_coefficients
-from distmerge.reduce import row_sums
+from distmerge.methods.ties import Ties
+from distmerge.reduce import abs_bits, bits_to_float, exact_value, histogram16, row_sums, select_bucket
+from distmerge.select.frank_wolfe import GroupScores, Params, fw_pick, fw_step, initial_coefficients
 from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
-from distmerge.select.objectives import DataFree, scores_from_products
+from distmerge.select.objectives import DataFree, data_free_at, scores_from_products
 
 GROUP = "frank_wolfe"
 LOSSES = ("cross_entropy", "entropy")
@@ -103,13 +112,13 @@ def check_objective(obj: Any) -> None:
 
 
 def key_of(tensor: str) -> str:
-    """The statistics key of a tensor (one model-wide group; the name quoted so that a '/'
-    in it cannot split the key)."""
-    return f"{GROUP}/{quote(tensor, safe='')}"
+    """The statistics key of a tensor (one model-wide group; the name quoted so that neither a
+    '/' nor a ':' in it can split the key or meet the model-wide keys ``init:``/``trim:``)."""
+    return f"{GROUP}/t:{quote(tensor, safe='')}"
 
 
 def tensor_of(key: str) -> str:
-    return unquote(key.split("/", 1)[1])
+    return unquote(key.split("/", 1)[1][2:])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,6 +131,7 @@ class FrankWolfe(Method):
     granularity: Literal["model", "tensor"] = "model"
     score: Literal["inner", "cosine"] = "inner"
     init: Literal["merge", "base"] = "merge"
+    density: float = 0.3
     objective: dict = field(default_factory=_default_objective)
 
     # -- parameters --------------------------------------------------------------------------
@@ -135,10 +145,8 @@ class FrankWolfe(Method):
         if self.scale * self.step > 1:
             raise ValueError(f"scale: scale × step = {self.scale * self.step:g} > 1 moves the first "
                              "iteration past the picked model; lower step or scale")
-        if self.local_merge == "ties":
-            raise ValueError("local_merge: ties is not built yet for frank_wolfe (each iteration "
-                             "would need a model-wide trim of θ_pick − θ_t; see docs/"
-                             "METHODS-frank_wolfe.md); use task_arithmetic")
+        if not 0.0 <= self.density <= 1.0:
+            raise ValueError("density: must be between 0 and 1")
         check_objective(self.objective)
 
     def check_weights(self, weights: tuple[float, ...]) -> None:
@@ -166,33 +174,161 @@ class FrankWolfe(Method):
         return Params(iterations=self.iterations, step=self.step, scale=self.scale,
                       granularity=self.granularity, score=self.score)
 
+    # -- the rounds ----------------------------------------------------------------------------
+    @property
+    def _offset(self) -> int:
+        """Rounds before iteration 0's score round (local_merge ties)."""
+        if self.init == "merge":
+            return 3                                   # the TIES merge of the pool: 3 rounds
+        return 1 if self.kind == "data_free" else 0    # data-free: the Gram round
+
     @property
     def rounds(self) -> int:
-        return 1 if self.kind == "data_free" else self.iterations
+        if self.local_merge == "task_arithmetic":
+            return 1 if self.kind == "data_free" else self.iterations
+        return self._offset + 3 * self.iterations
+
+    def phase(self, round: int) -> tuple[str, int]:
+        """What statistics round ``round`` computes, and its iteration:
+        ``gram`` (data-free: the Gram of [θ₀, τ], with the initial TIES merge's first round),
+        ``init_high``/``init_low``/``init_sign`` (the initial TIES merge), ``score`` (the
+        gradient's inner products at θ^t), ``trim_high``/``trim_low`` (the TIES local merge's
+        model-wide threshold of |θ_pick − θ^t|)."""
+        if self.local_merge == "task_arithmetic":
+            return ("gram", 0) if self.kind == "data_free" else ("score", round)
+        if round < self._offset:
+            if round == 0:
+                return ("gram", 0) if self.kind == "data_free" else ("init_high", 0)
+            return ("init_low", 0) if round == 1 else ("init_sign", 0)
+        t, k = divmod(round - self._offset, 3)
+        return (("score", "trim_high", "trim_low")[k], t)
+
+    def is_score_round(self, round: int) -> bool:
+        return self.phase(round)[0] == "score"
 
     def group(self, tensor: str) -> str:
         return GROUP
+
+    def _ties(self) -> Ties:
+        """The initial merge of the pool (init: merge, local_merge: ties): TIES, model scope."""
+        return Ties(density=self.density, scope="model", scale=self.scale)
 
     # -- statistics --------------------------------------------------------------------------
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
         n = len(block.weights)
         pool = block.experts[:n]                                             # [n, rows, cols]
-        if self.kind == "data_free":
-            x = torch.cat([block.base.unsqueeze(0), pool - block.base.unsqueeze(0)])  # [n + 1, rows, cols]
-            return {key_of(block.name): block_gram(x)}
-        grad = block.experts[n]                                              # [rows, cols]
-        x = torch.cat([block.base.unsqueeze(0), pool - block.base.unsqueeze(0)])
-        prods = cross_products(grad, x)                                      # [n + 2]
-        p64 = pool.double()
-        norms = exact_sums(row_sums(p64 * p64).reshape(n, -1).cpu().numpy())  # [n] ‖θ_j‖² of these rows
-        return {key_of(block.name): np.concatenate([prods, norms])}
+        state = ctx.get(GROUP) or {}
+        phase, t = self.phase(round)
+        x = torch.cat([block.base.unsqueeze(0), pool - block.base.unsqueeze(0)])  # [n + 1, rows, cols]
+        out: Partial = {}
+        if phase == "gram":
+            out[key_of(block.name)] = block_gram(x)
+            if self.local_merge == "ties" and self.init == "merge":
+                out.update(self._init_stats(0, block, state))
+            return out
+        if phase.startswith("init_"):
+            return self._init_stats(("init_high", "init_low", "init_sign").index(phase), block, state)
+        if phase == "score":
+            if self.kind == "data_free":                                     # ties: ⟨D, ·⟩, D = θ^t − θ₀
+                delta = self._theta(block, state, t) - block.base
+                return {key_of(block.name): cross_products(delta, x)}
+            grad = block.experts[n]                                          # [rows, cols]
+            if self.local_merge == "ties":
+                delta = self._theta(block, state, t) - block.base
+                x = torch.cat([x, delta.unsqueeze(0)])                       # [n + 2, rows, cols]
+            prods = cross_products(grad, x)                                  # [len(x) + 1]
+            p64 = pool.double()
+            norms = exact_sums(row_sums(p64 * p64).reshape(n, -1).cpu().numpy())  # [n] ‖θ_j‖² of these rows
+            return {key_of(block.name): np.concatenate([prods, norms])}
+        # the TIES local merge's trim of x = θ_pick − θ^t, over the whole model
+        pend = state["pending"]
+        if block.name in pend["held"]:
+            diff = block.base[:0]                                            # no entries
+        else:
+            diff = block.experts[pend["picked"][block.name]] - self._theta(block, state, t)
+        bits = abs_bits(diff)
+        if phase == "trim_high":
+            return {f"{GROUP}/trim:high": histogram16(bits >> 16)}
+        bucket = pend["bucket"]
+        inside = bits[(bits >> 16) == bucket] if bucket >= 0 else bits.reshape(-1)[:0]
+        return {f"{GROUP}/trim:low": histogram16(inside & 0xFFFF)}
+
+    def _init_stats(self, r: int, block: Block, state: dict[str, Any]) -> Partial:
+        ties = self._ties()
+        n = len(block.weights)
+        pool = Block(name=block.name, base=block.base, experts=block.experts[:n], weights=block.weights,
+                     row_start=block.row_start)
+        part = ties.stats(r, pool, state.get("init", {}))
+        return {f"{GROUP}/init:{k.rsplit('/', 1)[1]}": v for k, v in part.items()}
 
     def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
         ctx = dict(ctx)
-        if self.kind == "data_free":
-            ctx[GROUP] = self._run_data_free(totals)
-            return ctx
-        return self._data_step(round, totals, ctx)
+        if self.local_merge == "task_arithmetic":
+            if self.kind == "data_free":
+                ctx[GROUP] = self._run_data_free(totals)
+                return ctx
+            return self._data_step(round, totals, ctx)
+        state = dict(ctx.get(GROUP) or {})
+        state.setdefault("history", [])
+        state.setdefault("trace", [])
+        phase, t = self.phase(round)
+        tensors = {tensor_of(k): v for k, v in totals.items() if k.split("/", 1)[1].startswith("t:")}
+        init = {k: v for k, v in totals.items() if k.split("/", 1)[1].startswith("init:")}
+        if phase == "gram":
+            refuse_equal_task_vectors(tensors)
+            state["grams"] = {name: unpack(tri, _m(len(tri))).tolist() for name, tri in sorted(tensors.items())}
+        if init or phase.startswith("init_"):
+            ties = self._ties()
+            g0 = ties.group("")
+            r = 0 if phase == "gram" else ("init_high", "init_low", "init_sign").index(phase)
+            inner = {f"{g0}/{k.rsplit(':', 1)[1]}": v for k, v in init.items()}
+            state["init"] = ties.reduce(r, inner, state.get("init", {}))
+        if phase == "score":
+            state = self._ties_score(t, tensors, state)
+        elif phase == "trim_high":
+            hist = totals[f"{GROUP}/trim:high"]
+            k = self._trim_rank(int(hist.sum()))
+            b, r = select_bucket(hist, k) if k else (-1, 0)
+            state["pending"] = {**state["pending"], "bucket": b, "rank": r}
+        elif phase == "trim_low":
+            pend = state["pending"]
+            hist = totals[f"{GROUP}/trim:low"]
+            thr = 0.0 if pend["bucket"] < 0 else bits_to_float((pend["bucket"] << 16) | select_bucket(hist, pend["rank"])[0])
+            state["history"] = state["history"] + [{"picked": pend["picked"], "eta": pend["eta"],
+                                                    "held": pend["held"], "threshold": thr}]
+            state["trace"] = state["trace"][:-1] + [{**state["trace"][-1], "threshold": thr}]
+            state.pop("pending")
+        ctx[GROUP] = state
+        return ctx
+
+    def _trim_rank(self, n: int) -> int:
+        """The 1-indexed rank of the trim threshold among n entries (0: keep every entry): the
+        (n − m)-th smallest |x|, m = int(density · n), as TIES with model scope."""
+        m = int(self.density * n)
+        return 0 if m == n else n - m
+
+    def _ties_score(self, t: int, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> dict[str, Any]:
+        groups = {}
+        f = 0.0
+        for name in sorted(tensors):
+            vals = np.array([exact_value(int(v)) for v in tensors[name]], dtype=np.float64)
+            if self.kind == "data_free":
+                n = len(vals) - 2
+                targets = self.targets if self.targets is not None else tuple(range(n))
+                fg, groups[name] = data_free_at(np.asarray(state["grams"][name]), vals, targets)
+                f += fg
+            else:
+                n = (len(vals) - 3) // 2                # [gθ₀, gτ_1..gτ_n, gD, gg, ‖θ_1‖²..‖θ_n‖²]
+                groups[name] = GroupScores(inner=vals[1:n + 1], grad_base=float(vals[0]),
+                                           grad_sq=float(vals[n + 2]), weight_sq=vals[n + 3:],
+                                           grad_delta=float(vals[n + 1]))
+        if self.kind == "data":
+            f = float(state.get("objective_now", float("nan")))
+        st = fw_pick(t, groups, self.fw_params())
+        state["pending"] = {"picked": dict(st.picked), "eta": st.eta, "held": list(st.held)}
+        state["trace"] = state["trace"] + [_record(t, st, f, self.granularity)]
+        state["experts"] = len(next(iter(groups.values())).inner) if groups else 0
+        return state
 
     def _n_and_names(self, totals: Partial) -> list[str]:
         return sorted(tensor_of(k) for k in totals)
@@ -200,10 +336,10 @@ class FrankWolfe(Method):
     def _run_data_free(self, totals: Partial) -> dict[str, Any]:
         names = self._n_and_names(totals)
         grams = {}
-        for k, tri in totals.items():
-            m = (math.isqrt(8 * len(tri) + 1) - 1) // 2                     # len = m (m + 1) / 2
-            grams[tensor_of(k)] = unpack(tri, m)
-        refuse_equal_task_vectors(totals)
+        tensors = {tensor_of(k): v for k, v in totals.items()}
+        for name, tri in tensors.items():
+            grams[name] = unpack(tri, _m(len(tri)))
+        refuse_equal_task_vectors(tensors)
         n = next(iter(grams.values())).shape[0] - 1 if grams else 0
         targets = self.targets if self.targets is not None else tuple(range(n))
         if any(t >= n for t in targets):
@@ -239,20 +375,50 @@ class FrankWolfe(Method):
         return ctx
 
     # -- merge -------------------------------------------------------------------------------
-    def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
+    def _theta(self, block: Block, state: dict[str, Any], upto: int) -> torch.Tensor:
+        """θ^upto of this block under the TIES local merge, replayed from the driver's record:
+        the initial model, then each iteration's θ ← θ + η (x ⊙ [|x| ≥ thr]), x = θ_pick − θ,
+        in fp32 elementwise (so any row block gives the same bytes).  → [rows, cols]"""
         n = len(block.weights)
-        c = ctx[GROUP]["coefficients"][block.name]
+        if self.init == "merge":
+            pool = Block(name=block.name, base=block.base, experts=block.experts[:n],
+                         weights=block.weights, row_start=block.row_start)
+            theta = self._ties().merge(pool, state["init"])
+        else:
+            theta = block.base.clone()
+        for h in state.get("history", [])[:upto]:
+            if block.name in h["held"]:
+                continue
+            x = block.experts[h["picked"][block.name]] - theta              # [rows, cols]
+            theta = theta + x.mul_(x.abs() >= h["threshold"]) * h["eta"]
+        return theta
+
+    def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
+        state = ctx[GROUP]
+        if self.local_merge == "ties":
+            return self._theta(block, state, len(state.get("history", [])))
+        n = len(block.weights)
+        c = state["coefficients"][block.name]
         tau = block.experts[:n] - block.base.unsqueeze(0)                  # [n, rows, cols]
         return block.base + weighted_sum(tau, tuple(float(x) for x in c))
 
     def params(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "step": self.step, "scale": self.scale,
                 "local_merge": self.local_merge, "granularity": self.granularity,
-                "score": self.score, "init": self.init, "objective": dict(self.objective)}
+                "score": self.score, "init": self.init, "density": self.density,
+                "objective": dict(self.objective)}
+
+
+def _m(tri_len: int) -> int:
+    """m for an upper triangle of m (m + 1) / 2 entries."""
+    return (math.isqrt(8 * tri_len + 1) - 1) // 2
 
 
 def initial_state(method: FrankWolfe, names: list[str], n: int) -> dict[str, Any]:
-    """The coefficients of θ^0 for the tensors ``names`` and ``n`` experts (as in ctx)."""
+    """The state of θ^0 for the tensors ``names`` and ``n`` experts (as in ctx) before any
+    statistics: the coefficients (task arithmetic) or an empty history (ties, init: base)."""
+    if method.local_merge == "ties":
+        return {"history": []}
     c = initial_coefficients(sorted(names), n, init=method.init, scale=method.scale)
     return {"coefficients": {k: v.tolist() for k, v in c.items()}}
 
@@ -266,7 +432,7 @@ def refuse_equal_task_vectors(totals: Partial) -> None:
         ConfigError: naming the two experts (0-based, in the pipeline's order)."""
     if not totals:
         return
-    m = (math.isqrt(8 * len(next(iter(totals.values()))) + 1) - 1) // 2
+    m = _m(len(next(iter(totals.values()))))
     index = {p: k for k, p in enumerate(pairs(m))}
     summed = [0] * len(index)
     for tri in totals.values():

@@ -172,9 +172,9 @@ class Selection:
 
     def before_round(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
         """Before statistics round ``round``: the data objective's gradient at θ^round."""
-        if self.stage is None:
+        if self.stage is None or not self.method.is_score_round(round):
             return ctx
-        return self.stage.run(round, ctx)
+        return self.stage.run(self.method.phase(round)[1], ctx)
 
     # -- the trace and its metrics ---------------------------------------------------------
     def pass_done(self, ctx: dict[str, Any], bytes_read: int) -> list[dict[str, Any]]:
@@ -212,10 +212,12 @@ class Selection:
         for r in state["trace"]:
             p = r["picked"]
             its.append({**r, "picked": urls[p] if isinstance(p, int) else {k: urls[j] for k, j in p.items()}})
-        coeffs = state["coefficients"]
-        if self.method.granularity == "model":
+        coeffs = state.get("coefficients")
+        if coeffs is None:              # local_merge ties: the model is not a combination
+            out_coeffs: Any = None
+        elif self.method.granularity == "model":
             first = coeffs[sorted(coeffs)[0]] if coeffs else [0.0] * len(urls)
-            out_coeffs: Any = {u: c for u, c in zip(urls, first)}
+            out_coeffs = {u: c for u, c in zip(urls, first)}
         else:
             out_coeffs = {k: {u: c for u, c in zip(urls, v)} for k, v in sorted(coeffs.items())}
         out = {"iterations": its, "coefficients": out_coeffs, "method": self.method.params()}

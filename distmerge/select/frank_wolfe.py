@@ -45,6 +45,7 @@ class GroupScores:
     grad_base: float           # ⟨∇_g f, θ₀_g⟩
     grad_sq: float             # ‖∇_g f‖²
     weight_sq: np.ndarray      # [n] ‖θ_{g,j}‖² (the candidates' weights, for cosine)
+    grad_delta: float | None = None   # ⟨∇_g f, θ^t_g − θ₀_g⟩; None: Σ_j c_j inner_j (coefficients)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,26 +94,31 @@ class Step:
     held: tuple[str, ...] = ()  # tensors that did not move: their FW gap was ≤ 0
 
 
-def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray],
-            p: Params) -> tuple[dict[str, np.ndarray], Step]:
-    """Iteration ``t``: pick from the scores, compute the FW gap at the current coefficients,
-    move toward the pick. ``groups`` and ``coeffs`` are keyed by tensor name.
-    Returns the new coefficients and the step."""
+def fw_pick(t: int, groups: dict[str, GroupScores], p: Params,
+            coeffs: dict[str, np.ndarray] | None = None) -> Step:
+    """Iteration ``t``'s decision: the pick from the scores and the FW gap at the current model
+    (⟨∇f, θ^t − θ₀⟩ from ``grad_delta``, or from ``coeffs`` when the model is coefficients);
+    a tensor whose gap is ≤ 0 is held (no vertex descends, e.g. at the optimum)."""
     names = sorted(groups)
     n = len(next(iter(groups.values())).inner) if groups else 0
     g_t = gamma(t, p.step)
-    eta = p.scale * g_t
+
+    def current(name: str) -> float:
+        g = groups[name]
+        return float(g.grad_delta) if g.grad_delta is not None else float(coeffs[name] @ g.inner)
+
     picked: dict[str, int] = {}
     gaps: dict[str, float] = {}
     if p.granularity == "model":
         total = np.zeros(n)
         inner = np.zeros(n)
+        here = 0.0
         for name in names:                                          # fixed order, fp64
             total += scores(groups[name], p.score)
             inner += groups[name].inner
+            here += current(name)
         j = argmin_first(total)
-        c = coeffs[names[0]] if names else np.zeros(n)
-        gap = float(c @ inner - inner.min()) if n else 0.0
+        gap = here - float(inner.min()) if n else 0.0
         picked = {name: j for name in names}
         gaps = {name: gap for name in names}
     else:
@@ -120,19 +126,28 @@ def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray
         for name in names:
             g = groups[name]
             picked[name] = argmin_first(scores(g, p.score))
-            gaps[name] = float(coeffs[name] @ g.inner - np.min(g.inner))
+            gaps[name] = current(name) - float(np.min(g.inner))
             gap += gaps[name]
-    new, held = {}, []
-    for name in names:
+    held = tuple(name for name in names if gaps[name] <= 0)
+    return Step(picked=picked, gamma=g_t, eta=p.scale * g_t, gap=gap, held=held)
+
+
+def fw_step(t: int, groups: dict[str, GroupScores], coeffs: dict[str, np.ndarray],
+            p: Params) -> tuple[dict[str, np.ndarray], Step]:
+    """Iteration ``t`` on a model kept as coefficients (task-arithmetic local merge): pick,
+    then c ← (1 − η) c + η e_pick for every tensor not held. Returns the new coefficients and
+    the step."""
+    st = fw_pick(t, groups, p, coeffs)
+    new = {}
+    for name in sorted(groups):
         c = np.asarray(coeffs[name], dtype=np.float64)
-        if gaps[name] <= 0:           # no vertex descends (e.g. at the optimum): stay
+        if name in st.held:
             new[name] = c.copy()
-            held.append(name)
             continue
-        c = (1.0 - eta) * c
-        c[picked[name]] += eta
+        c = (1.0 - st.eta) * c
+        c[st.picked[name]] += st.eta
         new[name] = c
-    return new, Step(picked=picked, gamma=g_t, eta=eta, gap=gap, held=tuple(held))
+    return new, st
 
 
 def initial_coefficients(names: list[str], n: int, *, init: str, scale: float) -> dict[str, np.ndarray]:

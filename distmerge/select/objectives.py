@@ -72,3 +72,25 @@ def scores_from_products(products: np.ndarray, weight_sq: np.ndarray) -> GroupSc
     return GroupScores(inner=np.asarray(products[1:-1], dtype=np.float64),
                        grad_base=float(products[0]), grad_sq=float(products[-1]),
                        weight_sq=np.asarray(weight_sq, dtype=np.float64))
+
+
+def data_free_at(gram: np.ndarray, products: np.ndarray, targets: tuple[int, ...]
+                 ) -> tuple[float, GroupScores]:
+    """The data-free objective's share f_g and GroupScores of one tensor at a model given as its
+    delta D = θ^t − θ₀ (any local merge, e.g. TIES steps): ``gram`` = Gram of [θ₀, τ_1..τ_n]
+    ([n + 1, n + 1]), ``products`` = [⟨D, θ₀⟩, ⟨D, τ_1⟩..⟨D, τ_n⟩, ⟨D, D⟩].
+
+    With w the targets' mean weights: ∇f = D − Σ_k w_k τ_k, so
+    ⟨∇f, τ_j⟩ = ⟨D, τ_j⟩ − (T w)_j, ⟨∇f, θ₀⟩ = ⟨D, θ₀⟩ − B·w, ‖∇f‖² = ⟨D, D⟩ − 2 w·⟨D, τ⟩ + wᵀT w,
+    ⟨∇f, D⟩ = ⟨D, D⟩ − w·⟨D, τ⟩, f_g = ½ (⟨D, D⟩ − 2 w·⟨D, τ⟩ + Σ_k w_k T_kk)."""
+    T, B, base_sq = gram[1:, 1:], gram[0, 1:], gram[0, 0]
+    n = len(B)
+    w = np.zeros(n)
+    for k in targets:
+        w[k] += 1.0 / len(targets)
+    DB, DT, DD = float(products[0]), np.asarray(products[1:-1], dtype=np.float64), float(products[-1])
+    f = 0.5 * (DD - 2 * float(w @ DT) + float(w @ np.diag(T)))
+    return f, GroupScores(inner=DT - T @ w, grad_base=DB - float(B @ w),
+                          grad_sq=DD - 2 * float(w @ DT) + float(w @ T @ w),
+                          weight_sq=base_sq + 2 * B + np.diag(T),
+                          grad_delta=DD - float(w @ DT))

@@ -37,7 +37,29 @@ _TWO_BASE = {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([1.0])}
 _TWO_EXPERTS = [{"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([1.0])},
                 {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([3.0])}]
 
+# local_merge ties: θ ← θ + η · (x ⊙ [|x| ≥ thr]), x = θ_pick − θ, thr the (n − int(density·n))-th
+# smallest |x| over the model. Pool (tensor "v", θ₀ = 0): θ1 = [4, 1, −2, .5, 3], θ2 = [0, 2, 0, −1, 0];
+# τ1·τ1 = 30.25, τ1·τ2 = 1.5, τ2·τ2 = 5.
+_VB, _VE = one_tensor("v", torch.zeros(5), [torch.tensor([4.0, 1.0, -2.0, 0.5, 3.0]),
+                                             torch.tensor([0.0, 2.0, 0.0, -1.0, 0.0])])
+
 CASES = [
+    # init base, targets [θ1], step .75, scale 1: ∇f = −τ1, inner = [−30.25, −1.5] → θ1; x = θ1;
+    # density .6: m = 3, thr = 2nd smallest |x| = 1 → keep [4, 1, −2, 0, 3]; η = .75
+    # θ = [3, .75, −1.5, 0, 2.25]  (task arithmetic: .375 at entry 3; density .3: thr 3 → [3, 0, 0, 0, 2.25])
+    Case(id="ties-local-merge", params={**_FAST, "iterations": 1, "local_merge": "ties", "density": 0.6,
+                                        "objective": {"kind": "data_free", "targets": [0]}},
+         base=_VB, experts=_VE, expected={"v": torch.tensor([3.0, 0.75, -1.5, 0.0, 2.25])}),
+    # init merge (TIES of the pool, model scope, density .6, scale .5): m = 3 of 5, thr_t = 2nd
+    # smallest |τ_t|: τ1 → 1 (keeps [4, 1, −2, 0, 3]), τ2 → 0 (keeps all); signs of the sum
+    # [4, 3, −2, −1, 3]; disjoint mean [4, 1.5, −2, −1, 3]; θ^0 = .5 · that = [2, .75, −1, −.5, 1.5].
+    # targets [θ2]: ∇f = θ^0 − τ2 = [2, −1.25, −1, .5, 1.5]; inner = [13.5, −3] → θ2; step 1: η = .5;
+    # x = θ2 − θ^0 = [−2, 1.25, 1, −.5, −1.5], thr = 2nd smallest = 1 → keep all but −.5;
+    # θ^1 = θ^0 + .5 · [−2, 1.25, 1, 0, −1.5] = [1, 1.375, −.5, −.5, .75]
+    Case(id="ties-init-merge", params={"step": 1.0, "scale": 0.5, "iterations": 1, "local_merge": "ties",
+                                       "density": 0.6, "objective": {"kind": "data_free", "targets": [1]}},
+         base=_VB, experts=_VE, expected={"v": torch.tensor([1.0, 1.375, -0.5, -0.5, 0.75])}),
+
     # targets [τ2]: t=0 c=0, d = −e2, T d = [0, −4, −2] → τ2; c = [0, .75, 0]
     #               t=1 d = [0, −.25, 0], T d = [0, −1, −.5] → τ2; c = .5·c + .5 e2 = [0, .875, 0]
     # θ = [1, 0] + .875·[0, 2] = [1, 1.75]
