@@ -63,7 +63,7 @@ TARGET_DOMAINS = ("rot90", "fliplr", "flipud", "invert")
 IRRELEVANT_LABELS = ("shuffled", "ink", "shuffled", "permuted")
 FROZEN = ("head.",)
 ALL_METHODS = ("linear", "task_arithmetic", "task_arithmetic_val", "ties", "frank_wolfe_data",
-               "frank_wolfe_data_free")
+               "frank_wolfe_data_free", "frank_wolfe_data_init_base", "frank_wolfe_data_free_init_base")
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -253,10 +253,17 @@ def merge(base: Path, experts: list[Path], method: dict[str, Any], dest: Path, *
     return load_model(dest)
 
 
-def fw_available() -> bool:
+def fw_available(name: str = "frank_wolfe_data") -> bool:
+    """Whether this build can run the ``frank_wolfe`` row ``name`` (the ``_init_base`` rows
+    need the method's ``init`` parameter)."""
+    import dataclasses
+
     from distmerge.methods import REGISTRY
 
-    return "frank_wolfe" in REGISTRY
+    cls = REGISTRY.get("frank_wolfe")
+    if cls is None:
+        return False
+    return not name.endswith("_init_base") or "init" in {f.name for f in dataclasses.fields(cls)}
 
 
 # -- the experiment ----------------------------------------------------------------------------
@@ -339,7 +346,7 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
              for t in targets]
     target_folders = [folders[t.name] for t in targets]
     fw = fw_available()
-    skipped = [] if fw else [m for m in cfg.methods if m.startswith("frank_wolfe")]
+    skipped = [m for m in cfg.methods if m.startswith("frank_wolfe") and not fw_available(m)]
     merges = workdir / "merged"
     for k in cfg.pool_sizes:
         pool = target_folders + [folders[t.name] for t in irrelevant[:k]]
@@ -367,7 +374,8 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
     return {
         "config": _jsonable(asdict(cfg)), "tasks": [t.domain for t in targets],
         "irrelevant": [t.name for t in irrelevant],
-        "frank_wolfe": "registered" if fw else "not registered in this build: skipped",
+        "frank_wolfe": ("registered (the init_base rows need its init parameter)" if fw
+                        else "not registered in this build"),
         "skipped": skipped, "rows": rows,
         "seconds": {"pretrain": t_pre - t0, "finetune": t_ft - t_pre,
                     "merge_and_eval": time.perf_counter() - t_ft},
@@ -411,12 +419,13 @@ def _specs(name: str, cfg: QualityConfig, targets: list[Path], val_files: list[P
         return [{"name": "task_arithmetic", "scale": s} for s in cfg.ta_grid]
     if name == "ties":
         return [{"name": "ties", "density": 0.2, "scope": "model", "scale": 1.0}]
-    if name == "frank_wolfe_data":
+    if name.startswith("frank_wolfe_data_free"):
+        objective = {"kind": "data_free", "targets": [str(t) for t in targets]}
+    else:
         objective = {"kind": "data", "model": "distmerge.quality:digits_model",
                      "tasks": [{"data": str(f), "loss": "cross_entropy"} for f in val_files]}
-    else:
-        objective = {"kind": "data_free", "targets": [str(t) for t in targets]}
-    return [{"name": "frank_wolfe", **cfg.fw, "objective": objective}]
+    init = {"init": "base"} if name.endswith("_init_base") else {}
+    return [{"name": "frank_wolfe", **cfg.fw, **init, "objective": objective}]
 
 
 def _fw_picks(folder: Path, pool: list[Path], targets: list[Path]) -> dict[str, Any] | None:
@@ -440,12 +449,15 @@ def _jsonable(value: Any) -> Any:
 # -- report ------------------------------------------------------------------------------------
 LABELS = {"task_arithmetic": "task_arithmetic (λ={s})", "task_arithmetic_val": "task_arithmetic (λ by val: {s})",
           "ties": "ties (d=0.2, λ=1)", "frank_wolfe_data": "frank_wolfe data",
-          "frank_wolfe_data_free": "frank_wolfe data_free"}
+          "frank_wolfe_data_free": "frank_wolfe data_free",
+          "frank_wolfe_data_init_base": "frank_wolfe data, init base",
+          "frank_wolfe_data_free_init_base": "frank_wolfe data_free, init base"}
 
 
 def label(row: dict[str, Any]) -> str:
     """The row's name in the table (the λ that task arithmetic used, per seed)."""
-    scales = "/".join(f"{sp.get('scale')}" for sp in row.get("specs", []))
+    scales = [f"{sp.get('scale')}" for sp in row.get("specs", [])]
+    scales = "/".join(scales if len(set(scales)) > 1 else scales[:1])
     return LABELS.get(row["method"], row["method"]).format(s=scales)
 
 
@@ -482,7 +494,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"{r['method']} ({r['pool']} irrelevant): picked a target expert "
                          f"{r['picked']['target']}x, an irrelevant one {r['picked']['irrelevant']}x")
     if results["skipped"]:
-        lines.append(f"skipped: {', '.join(results['skipped'])} (frank_wolfe {results['frank_wolfe']})")
+        lines.append(f"skipped: {', '.join(results['skipped'])} (frank_wolfe: {results['frank_wolfe']})")
     t = results["seconds"]
     lines.append(f"time: pretraining {t['pretrain']:.1f} s, fine-tuning {t['finetune']:.1f} s, "
                  f"merges and evaluation {t['merge_and_eval']:.1f} s")
@@ -513,6 +525,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="task arithmetic's fixed λ (default 0.3)")
     p.add_argument("--ta-grid", type=_floats, default=d.ta_grid,
                    help="λ values the validation sets choose from (default 0.1,0.2,0.3,0.5,0.7,1.0)")
+    p.add_argument("--fw-step", type=float, metavar="STEP",
+                   help="frank_wolfe's step (default: the method's, 0.1 as the authors' code)")
+    p.add_argument("--fw-scale", type=float, metavar="SCALE",
+                   help="frank_wolfe's local merge scale (default: the method's, 0.3)")
+    p.add_argument("--fw-iterations", type=int, metavar="N",
+                   help="frank_wolfe's iterations (default: the method's, 10)")
     p.add_argument("--executor", choices=["local", "ray"], default=d.executor)
     p.add_argument("--workdir", metavar="DIR",
                    help="keep the models, validation sets and merges here (default: a temporary "
@@ -524,7 +542,9 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     return QualityConfig(pretrain_epochs=args.pretrain_epochs,
                          finetune_epochs=args.finetune_epochs, pool_sizes=tuple(args.pool_sizes),
                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                         ta_scale=args.ta_scale, ta_grid=tuple(args.ta_grid), executor=args.executor)
+                         ta_scale=args.ta_scale, ta_grid=tuple(args.ta_grid), executor=args.executor,
+                         fw={k: v for k, v in (("step", args.fw_step), ("scale", args.fw_scale),
+                                                ("iterations", args.fw_iterations)) if v is not None})
 
 
 def run_quality(args: argparse.Namespace) -> int:

@@ -163,7 +163,7 @@ def test_command_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     if q.fw_available():
         assert not results["skipped"]
     else:
-        assert results["skipped"] == ["frank_wolfe_data", "frank_wolfe_data_free"]
+        assert results["skipped"] == [m for m in q.ALL_METHODS if m.startswith("frank_wolfe")]
         assert "skipped: frank_wolfe_data" in out
 
 
