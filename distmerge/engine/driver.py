@@ -58,7 +58,7 @@ from distmerge.methods import MethodSet, build
 from distmerge.metrics import RunEvents, serve_metrics
 from distmerge.plan import Plan, make_plan, slice_elements_for
 from distmerge.reduce import StatsAccumulator
-from distmerge.select import Selection, bind_pool
+from distmerge.select.pool import Selection, bind_pool
 
 log = logging.getLogger(__name__)
 

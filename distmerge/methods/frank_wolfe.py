@@ -161,13 +161,13 @@ class FrankWolfe(Method):
     @property
     def targets(self) -> tuple[int, ...] | None:
         """0-based target indices (None: every expert). Paths are resolved to indices when the
-        pipeline is validated (:func:`distmerge.select.bind_pool`)."""
+        pipeline is validated (:func:`distmerge.select.pool.bind_pool`)."""
         t = self.objective.get("targets")
         if t is None:
             return None
         if not all(isinstance(x, int) for x in t):
             raise ValueError("objective.targets: paths were not resolved to experts; validate the "
-                             "pipeline (distmerge.select.bind_pool) before merging")
+                             "pipeline (distmerge.select.pool.bind_pool) before merging")
         return tuple(t)
 
     def fw_params(self) -> Params:
