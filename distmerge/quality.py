@@ -338,6 +338,8 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
         expert_states[task.name] = state_of(model)
         folders[task.name] = write_model(models / task.name, expert_states[task.name])
     t_ft = time.perf_counter()
+    norms = {name: torch.sqrt(sum(((st[k] - base_state[k]) ** 2).sum() for k in st)).item()
+             for name, st in expert_states.items()}                   # ‖τ‖ over the model
     log.info("quality: pretrained in %.1f s, %d experts fine-tuned in %.1f s",
              t_pre - t0, len(folders), t_ft - t_pre)
 
@@ -376,7 +378,7 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
         "irrelevant": [t.name for t in irrelevant],
         "frank_wolfe": ("registered (the init_base rows need its init parameter)" if fw
                         else "not registered in this build"),
-        "skipped": skipped, "rows": rows,
+        "skipped": skipped, "rows": rows, "task_vector_norms": norms,
         "seconds": {"pretrain": t_pre - t0, "finetune": t_ft - t_pre,
                     "merge_and_eval": time.perf_counter() - t_ft},
     }
@@ -405,6 +407,10 @@ def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         "config": first["config"], "seeds": [r["config"]["seed"] for r in per_seed],
         "tasks": first["tasks"], "irrelevant": first["irrelevant"],
         "frank_wolfe": first["frank_wolfe"], "skipped": first["skipped"], "rows": rows,
+        "task_vector_norms": {kind: statistics.fmean(
+            v for r in per_seed for k, v in r["task_vector_norms"].items()
+            if k.startswith(kind)) for kind in ("target", "irrelevant")
+            if any(k.startswith(kind) for k in first["task_vector_norms"])},
         "seconds": {k: sum(r["seconds"][k] for r in per_seed) for k in first["seconds"]},
         "per_seed": per_seed,
     }
@@ -495,6 +501,8 @@ def render(results: dict[str, Any]) -> str:
                          f"{r['picked']['target']}x, an irrelevant one {r['picked']['irrelevant']}x")
     if results["skipped"]:
         lines.append(f"skipped: {', '.join(results['skipped'])} (frank_wolfe: {results['frank_wolfe']})")
+    norms = results["task_vector_norms"]
+    lines.append("mean ‖τ‖ (whole model): " + ", ".join(f"{k} experts {v:.2f}" for k, v in norms.items()))
     t = results["seconds"]
     lines.append(f"time: pretraining {t['pretrain']:.1f} s, fine-tuning {t['finetune']:.1f} s, "
                  f"merges and evaluation {t['merge_and_eval']:.1f} s")
@@ -559,13 +567,22 @@ def run_quality(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)            # tiny models: one thread is fastest and reproducible
     keep = args.workdir is not None
     workdir = Path(args.workdir).expanduser() if keep else Path(tempfile.mkdtemp(prefix="distmerge-quality-"))
+    started = False
     try:
+        if cfg.executor == "ray":       # one Ray for every merge, as the speed bench does
+            from distmerge.engine.driver import ensure_ray
+
+            started = ensure_ray(None, 1)
         results = combine([run_experiment(replace(cfg, seed=seed), workdir / f"seed-{seed}")
                            for seed in args.seeds])
     finally:
         torch.set_num_threads(threads)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        if started:
+            import ray
+
+            ray.shutdown()
     print(render(results))
     if args.json:
         path = Path(args.json).expanduser()

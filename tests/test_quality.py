@@ -156,6 +156,8 @@ def test_command_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
                     if ln.startswith(name) and ln[len(name):].split()[0] == pool)
         assert line.split()[-1] == f"{r['mean']:.3f}"
         assert r["seed_means"] == [r["mean"]] and r["std"] == 0.0
+    assert set(results["task_vector_norms"]) == {"target", "irrelevant"}
+    assert all(v > 0 for v in results["task_vector_norms"].values())
     # the validation choice of λ is one of the grid, and its row says which
     ta_val = [r for r in results["rows"] if r["method"] == "task_arithmetic_val"]
     assert all(r["specs"][0]["scale"] in (0.3, 1.0) for r in ta_val)
@@ -188,6 +190,7 @@ def test_seeds_are_averaged_with_their_spread():
                  "val_mean": 0.5}]
         return {"config": {"seed": seed}, "tasks": ["a", "b"], "irrelevant": [], "rows": rows,
                 "frank_wolfe": "registered", "skipped": [],
+                "task_vector_norms": {"target-a": 1.0 + seed, "irrelevant-00-x": 5.0},
                 "seconds": {"pretrain": 1.0, "finetune": 2.0, "merge_and_eval": 3.0}}
 
     out = q.combine([one(0, [(0.2, 0.4), (0.6, 0.8)], 0.5), one(1, [(0.4, 0.6), (0.8, 1.0)], 0.7)])
@@ -198,5 +201,7 @@ def test_seeds_are_averaged_with_their_spread():
     assert ta["seed_means"] == pytest.approx([0.7, 0.9])
     assert q.label(ta) == "task_arithmetic (λ by val: 0.5/0.7)"
     assert out["seconds"] == {"pretrain": 2.0, "finetune": 4.0, "merge_and_eval": 6.0}
+    assert out["task_vector_norms"] == {"target": 1.5, "irrelevant": 5.0}
     text = q.render(out)
     assert "0.800 ±0.100" in text and "0.400 ±0.100" in text
+    assert "target experts 1.50, irrelevant experts 5.00" in text
