@@ -21,8 +21,9 @@ This is the plain-torch path for models that fit one process; it runs in the dri
 and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
 (otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
 one process need the gradient sharded across GPU actors (DeepSpeed ZeRO-3 or torch FSDP): NOT
-BUILT; :func:`check_data_objective` refuses a model whose fp32 pool and gradient exceed the
-budget with a ConfigError naming that limit.
+BUILT. The seam is :meth:`GradientStage.loss_and_grad` (θ^t in, f and ∇f out, written in the
+base's layout by :meth:`GradientStage.run`); a sharded stage would replace it and write its
+shards of ∇f into the same file layout.
 """
 
 from __future__ import annotations
