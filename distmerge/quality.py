@@ -435,12 +435,16 @@ def _specs(name: str, cfg: QualityConfig, targets: list[Path], val_files: list[P
 
 
 def _fw_picks(folder: Path, pool: list[Path], targets: list[Path]) -> dict[str, Any] | None:
-    """How often the trace picked a target expert and an irrelevant one (granularity model)."""
+    """How often the trace picked a target expert and an irrelevant one (with granularity
+    tensor, each tensor's pick counts)."""
     trace = folder / "frank_wolfe_trace.json"
     if not trace.exists():
         return None
     its = json.loads(trace.read_text()).get("iterations", [])
-    picks = [it["picked"] for it in its if isinstance(it.get("picked"), str)]
+    picks = []                        # granularity tensor: one pick per tensor and iteration
+    for it in its:
+        p = it.get("picked")
+        picks += [p] if isinstance(p, str) else [p[k] for k in sorted(p)] if isinstance(p, dict) else []
     names = {str(p): p.name for p in pool}
     target_set = {str(t) for t in targets}
     return {"target": sum(p in target_set for p in picks),
@@ -539,6 +543,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frank_wolfe's local merge scale (default: the method's, 0.3)")
     p.add_argument("--fw-iterations", type=int, metavar="N",
                    help="frank_wolfe's iterations (default: the method's, 10)")
+    p.add_argument("--fw-granularity", choices=["model", "tensor"],
+                   help="frank_wolfe's granularity (default: the method's, model; the authors' "
+                        "scripts pick per layer, i.e. tensor)")
     p.add_argument("--executor", choices=["local", "ray"], default=d.executor)
     p.add_argument("--workdir", metavar="DIR",
                    help="keep the models, validation sets and merges here (default: a temporary "
@@ -552,7 +559,8 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                          ta_scale=args.ta_scale, ta_grid=tuple(args.ta_grid), executor=args.executor,
                          fw={k: v for k, v in (("step", args.fw_step), ("scale", args.fw_scale),
-                                                ("iterations", args.fw_iterations)) if v is not None})
+                                                ("iterations", args.fw_iterations),
+                                                ("granularity", args.fw_granularity)) if v is not None})
 
 
 def run_quality(args: argparse.Namespace) -> int:
