@@ -293,7 +293,7 @@ class QualityConfig:
             raise ConfigError(f"quality: unknown method(s) {', '.join(unknown)} "
                               f"(known: {', '.join(ALL_METHODS)})")
         if not self.ta_grid or not self.lr > 0:
-            raise ConfigError("quality: --ta-grid needs a value and --lr must be positive")
+            raise ConfigError("quality: --ta-grid needs a value and lr must be positive")
 
 
 def _accuracies(state, tests) -> dict[str, float]:
@@ -351,9 +351,7 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
     skipped = [m for m in cfg.methods if m.startswith("frank_wolfe") and not fw_available(m)]
     merges = workdir / "merged"
     for k in cfg.pool_sizes:
-        pool = target_folders + [folders[t.name] for t in irrelevant[:k]]
-        if len(pool) < 2:
-            raise ConfigError("quality: a pool needs at least two experts")
+        pool = target_folders + [folders[t.name] for t in irrelevant[:k]]    # 4 + k experts
         for name in cfg.methods:
             if name in skipped:
                 continue
