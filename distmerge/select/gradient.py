@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from distmerge.checkpoint.header import FLOAT_DTYPES
 from distmerge.checkpoint.reader import TORCH_DTYPES, RangeReader
@@ -80,7 +80,10 @@ def check_data_objective(obj: dict[str, Any], base: ModelHeaders) -> None:
     """
     factory = load_factory(obj["model"])
     try:
-        with torch.device("meta"):
+        try:
+            with torch.device("meta"):                 # no memory, no initialisation cost
+                model = factory()
+        except Exception:  # noqa: BLE001 - a factory that cannot build on meta: build it for real
             model = factory()
     except Exception as err:  # noqa: BLE001 - the user's factory: report whatever it raised
         raise ConfigError(f"method.objective.model: {obj['model']}() failed: {err}") from None
@@ -167,9 +170,18 @@ class GradientStage:
                  else "exceed resources.memory_per_worker and are re-read every iteration")
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
-        tmp = self.path + ".tmp"
-        save_file({n: t.contiguous() for n, t in tensors.items()}, tmp)
-        os.replace(tmp, self.path)
+        """Write the checkpoint in place: the same file (inode) every iteration, because the
+        workers keep their file descriptors open between passes (a renamed new file would
+        leave them reading the first gradient). The layout never changes, so neither do the
+        headers the workers hold. Only written between passes, never while one reads."""
+        data = save({n: t.contiguous() for n, t in tensors.items()})
+        if os.path.exists(self.path) and os.path.getsize(self.path) != len(data):
+            raise RuntimeError(f"{self.path}: the gradient's layout changed ({len(data)} bytes, "
+                               f"was {os.path.getsize(self.path)})")
+        with open(self.path, "r+b" if os.path.exists(self.path) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
     # -- θ^t ----------------------------------------------------------------------------------
     def _tensor(self, name: str, reader: RangeReader) -> tuple[torch.Tensor, torch.Tensor, int]:
