@@ -141,13 +141,15 @@ class Task:
     target: bool
 
 
-def build_tasks(irrelevant: int, seed: int = 0) -> tuple[list[Task], list[Task]]:
-    """The target tasks and the first ``irrelevant`` irrelevant ones (a pure function)."""
+def build_tasks(irrelevant: int, seed: int = 0,
+                kinds: tuple[str, ...] = IRRELEVANT_LABELS) -> tuple[list[Task], list[Task]]:
+    """The target tasks and the first ``irrelevant`` irrelevant ones, their labels cycling
+    through ``kinds`` (a pure function)."""
     targets = [Task(f"target-{d}", d, "digits", seed * 1000 + i, True)
                for i, d in enumerate(TARGET_DOMAINS)]
     others = []
     for i in range(irrelevant):
-        kind = IRRELEVANT_LABELS[i % len(IRRELEVANT_LABELS)]
+        kind = kinds[i % len(kinds)]
         domain = PRETRAIN_DOMAINS[(i // 2) % len(PRETRAIN_DOMAINS)]
         others.append(Task(f"irrelevant-{i:02d}-{kind}-{domain}", domain, kind,
                            seed * 1000 + 100 + i, False))
@@ -279,6 +281,7 @@ class QualityConfig:
     ta_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     methods: tuple[str, ...] = ALL_METHODS
     executor: str = "local"
+    irrelevant_labels: tuple[str, ...] = IRRELEVANT_LABELS
     fw: dict[str, Any] = field(default_factory=dict)    # extra frank_wolfe parameters
 
     def check(self) -> None:
@@ -292,6 +295,10 @@ class QualityConfig:
         if unknown:
             raise ConfigError(f"quality: unknown method(s) {', '.join(unknown)} "
                               f"(known: {', '.join(ALL_METHODS)})")
+        bad = sorted(set(self.irrelevant_labels) - {"shuffled", "ink", "permuted"})
+        if not self.irrelevant_labels or bad:
+            raise ConfigError(f"quality: --irrelevant-labels must list shuffled, ink or permuted, "
+                              f"got {', '.join(bad) or 'none'}")
         if not self.ta_grid or not self.lr > 0:
             raise ConfigError("quality: --ta-grid needs a value and lr must be positive")
 
@@ -313,7 +320,7 @@ def run_experiment(cfg: QualityConfig, workdir: Path) -> dict[str, Any]:
     cfg.check()
     t0 = time.perf_counter()
     digits = load_splits(cfg.seed)
-    targets, irrelevant = build_tasks(max(cfg.pool_sizes), cfg.seed)
+    targets, irrelevant = build_tasks(max(cfg.pool_sizes), cfg.seed, cfg.irrelevant_labels)
     tests = {t.domain: task_data(t, digits, "test") for t in targets}
     vals = {t.domain: task_data(t, digits, "val") for t in targets}
     models, data = workdir / "models", workdir / "data"
@@ -529,6 +536,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
     p.add_argument("--pool-sizes", type=_ints, default=d.pool_sizes,
                    help="irrelevant experts added to the 4 target experts (default 0,4,16)")
+    p.add_argument("--irrelevant-labels", default=",".join(d.irrelevant_labels),
+                   help="what the irrelevant experts learn, cycled: shuffled (shuffled digit "
+                        "labels), ink (ink-amount decile), permuted (digits relabelled) "
+                        f"(default {','.join(d.irrelevant_labels)})")
     p.add_argument("--methods", default=",".join(ALL_METHODS),
                    help=f"comma list (default: all of {', '.join(ALL_METHODS)})")
     p.add_argument("--ta-scale", type=float, default=d.ta_scale,
@@ -555,6 +566,8 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     return QualityConfig(pretrain_epochs=args.pretrain_epochs,
                          finetune_epochs=args.finetune_epochs, pool_sizes=tuple(args.pool_sizes),
                          methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                         irrelevant_labels=tuple(k.strip() for k in args.irrelevant_labels.split(",")
+                                                 if k.strip()),
                          ta_scale=args.ta_scale, ta_grid=tuple(args.ta_grid), executor=args.executor,
                          fw={k: v for k, v in (("step", args.fw_step), ("scale", args.fw_scale),
                                                 ("iterations", args.fw_iterations),

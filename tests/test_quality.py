@@ -75,6 +75,8 @@ def test_task_builder_is_deterministic(digits):
         assert y.min() >= 0 and y.max() < 10
     assert not torch.equal(q.task_data(a_irr[0], digits, "train")[1],
                            q.task_data(a_irr[2], digits, "train")[1])
+    only = q.build_tasks(3, seed=0, kinds=("ink", "permuted"))[1]
+    assert [t.labels for t in only] == ["ink", "permuted", "ink"]
     # another seed, another split
     assert not torch.equal(q.load_splits(seed=1).splits["test"], digits.splits["test"])
 
@@ -173,6 +175,8 @@ def test_bad_options_fail_before_any_work(capsys):
     assert main(["bench", "quality", "--methods", "linear,nope"]) == 2
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["bench", "quality", "--pool-sizes", "-1"]) == 2
+    assert main(["bench", "quality", "--irrelevant-labels", "ink,noise"]) == 2
+    assert "got noise" in capsys.readouterr().err
 
 
 def test_missing_scikit_learn_names_the_extra(monkeypatch):
