@@ -27,7 +27,6 @@ statistics, which are exact (slice-invariant).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -155,9 +154,3 @@ def initial_coefficients(names: list[str], n: int, *, init: str, scale: float) -
     code: ``second_merge_method`` over every model), ``base`` = θ₀."""
     start = scale if init == "merge" else 0.0
     return {name: np.full(n, start, dtype=np.float64) for name in names}
-
-
-def check_finite(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"{what} is not finite ({value})")
-    return value
