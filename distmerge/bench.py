@@ -101,6 +101,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--scale: cluster sizes the wall-time model is given for (default 8,32,128)")
     p.add_argument("--worker-gbps", type=float, default=1.0,
                    help="--scale: read bandwidth of one worker from storage in GB/s (default 1.0)")
+    suites = p.add_subparsers(dest="suite", metavar="{quality}")
+    from distmerge.quality import add_arguments as quality_arguments
+
+    quality_arguments(suites.add_parser(
+        "quality", help="accuracy of merges of real experts (scikit-learn digits) as irrelevant "
+                        "experts join the pool; see distmerge.quality"))
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -581,7 +587,11 @@ def render(results: dict[str, Any]) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The ``bench`` verb: run the bench (or, with ``--scale``, the scale simulation), print
-    the report, write JSON when asked."""
+    the report, write JSON when asked; ``bench quality`` runs :func:`distmerge.quality.run_quality`."""
+    if getattr(args, "suite", None) == "quality":
+        from distmerge.quality import run_quality
+
+        return run_quality(args)
     resolve_defaults(args)
     if getattr(args, "scale", False):
         from distmerge import scale

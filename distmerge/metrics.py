@@ -60,6 +60,10 @@ executor, version, ray_session]           ``SessionName``, empty without Ray)
 ``distmerge_worker_peak_rss_bytes``       peak resident memory of each worker process
 [worker]
 ``distmerge_worker_seconds_total`` [part] worker seconds spent reading, computing, writing
+``distmerge_fw_iteration``                frank_wolfe: the last finished iteration (0-based)
+``distmerge_fw_objective``                frank_wolfe: the objective at that iteration's model
+``distmerge_fw_gap``                      frank_wolfe: that iteration's Frank-Wolfe gap
+``distmerge_fw_step``                     frank_wolfe: that iteration's step γ_t
 ========================================  ======================================================
 
 Throughput is left to PromQL (``rate(distmerge_read_bytes_total[1m])``): the window is the
@@ -168,6 +172,13 @@ class RunMetrics:
         self.worker_seconds = Counter("distmerge_worker_seconds",
                                       "Worker seconds spent reading, computing and writing slices",
                                       L + ["part"], registry=r)
+        self.fw_iteration = Gauge("distmerge_fw_iteration", "frank_wolfe: the last finished iteration",
+                                  L, registry=r)
+        self.fw_objective = Gauge("distmerge_fw_objective",
+                                  "frank_wolfe: the objective at the last iteration's model", L, registry=r)
+        self.fw_gap = Gauge("distmerge_fw_gap", "frank_wolfe: the last iteration's Frank-Wolfe gap",
+                            L, registry=r)
+        self.fw_step = Gauge("distmerge_fw_step", "frank_wolfe: the last iteration's step size", L, registry=r)
         r.register(_Live(events))
         # every series a dashboard or alert reads exists from the start, at 0
         for s in STATES:
@@ -304,6 +315,14 @@ class RunEvents:
                      self._done, self._total, 100 * self._frac)
             while self._next_log <= self._done / max(1, self._total):
                 self._next_log += 0.1
+
+    def fw_iteration(self, record: dict) -> None:
+        """A Frank-Wolfe iteration finished (:mod:`distmerge.select`): its trace record."""
+        m, run = self.metrics, self.run
+        m.fw_iteration.labels(run).set(record["iteration"])
+        m.fw_objective.labels(run).set(record["objective"])
+        m.fw_gap.labels(run).set(record["fw_gap"])
+        m.fw_step.labels(run).set(record["step"])
 
     def slice_failed(self) -> None:
         """A slice attempt failed and will be tried again."""

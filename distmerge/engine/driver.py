@@ -59,6 +59,7 @@ from distmerge.methods import MethodSet, build
 from distmerge.metrics import RunEvents, serve_metrics
 from distmerge.plan import Plan, make_plan, slice_elements_for
 from distmerge.reduce import StatsAccumulator
+from distmerge.select.pool import Selection, bind_pool
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def validate(pipeline: Pipeline, *, events: RunEvents | None = None) -> Validate
     with ThreadPoolExecutor(max_workers=16) as pool:
         models = [read_model_headers(u, pool=pool) for u in urls]
     check_compatible(models[0], models[1:])
+    methods = bind_pool(methods, pipeline, models[0], models[1:])    # frank_wolfe's pool checks
     return Validated(base=models[0], experts=models[1:], methods=methods)
 
 
@@ -279,6 +281,7 @@ class Run:
         self.stats_rounds_restored = 0
         self._claimed: dict[int, int] = {}
         self._saved: tuple[int, dict[str, Any]] | None = None
+        self.selection: Selection | None = None     # frank_wolfe's driver side (select/)
 
     # -- the state machine ------------------------------------------------------------------
     def execute(self) -> Summary:
@@ -354,11 +357,13 @@ class Run:
     def _start_executor(self) -> None:
         assert self.plan is not None and self.output is not None and self.validated is not None
         v = self.validated
+        self.selection = Selection.for_run(self.pipeline, v.methods, v.base, v.experts)
+        extra = self.selection.extra_sources(self.output.staging) if self.selection else []
         self.executor.start(Job(
             tensors=self.plan.tensors,
             shard_paths=tuple(self.output.shard_path(s.filename) for s in self.plan.shards),
-            sources=tuple({n: t for n, t in m.tensors.items()} for m in [v.base, *v.experts]),
-            model_names=tuple(m.url for m in [v.base, *v.experts]),
+            sources=tuple({n: t for n, t in m.tensors.items()} for m in [v.base, *v.experts, *extra]),
+            model_names=tuple(m.url for m in [v.base, *v.experts, *extra]),
             weights=tuple(e.weight for e in self.pipeline.experts),
             methods=v.methods,
             allow_nonfinite=self.pipeline.allow_nonfinite,
@@ -436,11 +441,17 @@ class Run:
             self._on_report(task, report)
 
         tasks = self._stats_slices()
+        if self.selection is not None:
+            self.ctx = self.selection.before_round(self.round, self.ctx)
+        read_before = self.bytes_read
         self.events.pass_start(f"stats {self.round + 1}/{self.validated.methods.rounds}", len(tasks))
         acc.add_counts(self.executor.run(tasks, self.ctx, on_report, self._on_retry))
         self.events.pass_end()
         self.ctx = self.validated.methods.reduce(self.round, acc.totals(), self.ctx,
                                                  list(self.plan.tensors))
+        if self.selection is not None:
+            for record in self.selection.pass_done(self.ctx, self.bytes_read - read_before):
+                self.events.fw_iteration(record)
         self.round += 1
         assert self.output is not None
         if self.output.save_stats(self.round, self.ctx):
@@ -468,6 +479,8 @@ class Run:
         assert self.plan is not None and self.output is not None and self.validated is not None
         # the base's side files (config, tokenizer) from the folder its tensors were read from
         self.output.finalize(self.plan, base_url=self.validated.base.url, out_dtype=self.pipeline.output.dtype)
+        if self.selection is not None:
+            self.selection.finish(self.output.staging, self.ctx)
         self.output.verify(self.plan, self.checksums)
         return State.PUBLISH
 

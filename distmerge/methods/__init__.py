@@ -17,6 +17,7 @@ from distmerge.methods.breadcrumbs import Breadcrumbs
 from distmerge.methods.consensus import Consensus
 from distmerge.methods.dare import DareLinear, DareTies
 from distmerge.methods.della import Della
+from distmerge.methods.frank_wolfe import FrankWolfe
 from distmerge.methods.linear import Linear
 from distmerge.methods.lines import wrap as wrap_lines
 from distmerge.methods.model_stock import ModelStock
@@ -30,6 +31,7 @@ REGISTRY: dict[str, type[Method]] = {
     "dare_linear": DareLinear,
     "dare_ties": DareTies,
     "della": Della,
+    "frank_wolfe": FrankWolfe,
     "linear": Linear,
     "model_stock": ModelStock,
     "slerp": Slerp,

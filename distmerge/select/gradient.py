@@ -1,0 +1,279 @@
+"""The data objective's gradient stage: ∇f(θ^t) as a checkpoint in the base's layout.
+
+``objective: {kind: data, model: "pkg.mod:factory", tasks: [{data, loss}], batch_size}``:
+
+    f(θ) = 1/|tasks| Σ_task 1/N_task Σ_i loss_task(model(θ; x_i), y_i)
+    cross_entropy: −log softmax(logits)[y_i]          (``labels`` int64 in the task file)
+    entropy:       −Σ_c p_c log p_c, p = softmax(logits)   (unlabelled: only ``inputs``)
+
+The model is ``factory()`` (a torch.nn.Module whose ``state_dict`` names and shapes are the
+checkpoint's tensors), run in eval mode with ``torch.func.functional_call`` on
+θ^t = θ₀ + Σ_j c_j τ_j, built tensor by tensor exactly as the merge pass builds it (the method's
+own ``merge`` on whole tensors). Batches of ``batch_size`` are back-propagated one at a time, each
+scaled by 1/(|tasks| N_task), in a fixed order, so the gradient is that of f over the whole sets.
+
+The gradient is written as fp32 safetensors with every tensor name and shape of the base
+(integer tensors as zeros) into the run's staging folder, replacing the previous one
+atomically; the slice workers read it as one more source and compute their part of every
+candidate's score (:meth:`distmerge.methods.frank_wolfe.FrankWolfe.stats`).
+
+This is the plain-torch path for models that fit one process; it runs in the driver process
+and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
+(otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
+one process need the gradient sharded across GPU actors (DeepSpeed ZeRO-3 or torch FSDP): NOT
+BUILT. The seam is :meth:`GradientStage.loss_and_grad` (θ^t in, f and ∇f out, written in the
+base's layout by :meth:`GradientStage.run`); a sharded stage would replace it and write its
+shards of ∇f into the same file layout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from distmerge.checkpoint.header import FLOAT_DTYPES
+from distmerge.checkpoint.reader import TORCH_DTYPES, RangeReader
+from distmerge.checkpoint.source import ModelHeaders, read_model_headers
+from distmerge.errors import ConfigError
+from distmerge.methods.base import Block
+
+log = logging.getLogger(__name__)
+
+
+def load_factory(spec: str):
+    """``"package.module:factory"`` → the callable.
+
+    Raises:
+        ConfigError: the module or the attribute is missing."""
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ConfigError(f"method.objective.model: cannot import {mod_name} ({err}); install it or "
+                          "fix the module path") from None
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"method.objective.model: {mod_name} has no callable {attr}")
+    return fn
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_data_objective(obj: dict[str, Any], base: ModelHeaders) -> None:
+    """Everything about a data objective that can be checked before any tensor byte is read:
+    the factory builds (on the meta device) a module with the checkpoint's names and shapes,
+    each task file holds ``inputs`` (float) and, for cross_entropy, int64 ``labels`` of as
+    many rows.
+
+    Raises:
+        ConfigError
+    """
+    factory = load_factory(obj["model"])
+    try:
+        try:
+            with torch.device("meta"):                 # no memory, no initialisation cost
+                model = factory()
+        except Exception:  # noqa: BLE001 - a factory that cannot build on meta: build it for real
+            model = factory()
+    except Exception as err:  # noqa: BLE001 - the user's factory: report whatever it raised
+        raise ConfigError(f"method.objective.model: {obj['model']}() failed: {err}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"method.objective.model: {obj['model']}() must return a torch.nn.Module")
+    mine = _shapes(model)
+    theirs = {n: tuple(info.shape) for n, (_, info) in base.tensors.items()}
+    if mine != theirs:
+        missing = sorted(set(theirs) - set(mine))[:3]
+        extra = sorted(set(mine) - set(theirs))[:3]
+        shape = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])[:3]
+        raise ConfigError(f"method.objective.model: {obj['model']}()'s state_dict does not match "
+                          f"the checkpoint (not in the module: {missing}, not in the checkpoint: "
+                          f"{extra}, other shape: {shape})")
+    for i, task in enumerate(obj["tasks"]):
+        path = os.path.expanduser(task["data"])
+        where = f"method.objective.tasks[{i}].data"
+        if not os.path.isfile(path):
+            raise ConfigError(f"{where}: {path} is not a file (a local .safetensors with 'inputs'"
+                              " and, for cross_entropy, 'labels')")
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys = set(f.keys())
+                if "inputs" not in keys:
+                    raise ConfigError(f"{where}: {path} has no tensor 'inputs'")
+                inputs = f.get_slice("inputs")
+                if inputs.get_dtype() not in ("F32", "F16", "BF16", "F64"):
+                    raise ConfigError(f"{where}: 'inputs' must be a float tensor, is {inputs.get_dtype()}")
+                if task.get("loss", "cross_entropy") == "cross_entropy":
+                    if "labels" not in keys:
+                        raise ConfigError(f"{where}: loss cross_entropy needs a tensor 'labels' in {path}")
+                    labels = f.get_slice("labels")
+                    if labels.get_dtype() != "I64" or len(labels.get_shape()) != 1 \
+                            or labels.get_shape()[0] != inputs.get_shape()[0]:
+                        raise ConfigError(f"{where}: 'labels' must be int64 with one entry per row of "
+                                          f"'inputs' ({inputs.get_shape()[0]})")
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt file: say which
+            raise ConfigError(f"{where}: {path} is not a readable safetensors file ({err})") from None
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """Σ over the batch of the per-sample loss.  logits [B, C] → scalar"""
+    if kind == "cross_entropy":
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum()
+
+
+class GradientStage:
+    """Writes ∇f(θ^t) before each statistics round of a data objective (see the module
+    docstring). ``headers``: the gradient checkpoint's, for the workers' Job."""
+
+    def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
+                 folder: str, storage: Any = None, memory: int = 0):
+        self.method = method
+        self.base = base
+        self.experts = experts
+        self.folder = folder
+        self.storage = storage
+        self.names = sorted(base.tensors)
+        obj = method.objective
+        self.factory = load_factory(obj["model"])
+        self.batch_size = int(obj.get("batch_size", 256))
+        self.tasks = []
+        for task in obj["tasks"]:
+            with safe_open(os.path.expanduser(task["data"]), framework="pt") as f:
+                keys = set(f.keys())
+                x = f.get_tensor("inputs").float()
+                y = f.get_tensor("labels") if "labels" in keys else None
+            self.tasks.append((x, y, task.get("loss", "cross_entropy")))
+        fp32 = sum(info.numel * 4 for _, info in base.tensors.values()) * (len(experts) + 1)
+        self.resident = memory <= 0 or fp32 <= memory
+        self._pool: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pass_bytes: list[int] = []
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, "model.safetensors")
+        self._write({n: torch.zeros(base.tensors[n][1].shape, dtype=torch.float32) for n in self.names})
+        self.headers = read_model_headers(folder)
+        log.info("frank_wolfe data objective: gradient checkpoint %s; the pool's fp32 tensors "
+                 "(%d bytes) %s", self.path, fp32,
+                 "stay resident between iterations" if self.resident
+                 else "exceed resources.memory_per_worker and are re-read every iteration")
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write the checkpoint in place: the same file (inode) every iteration, because the
+        workers keep their file descriptors open between passes (a renamed new file would
+        leave them reading the first gradient). The layout never changes, so neither do the
+        headers the workers hold. Only written between passes, never while one reads."""
+        data = save({n: t.contiguous() for n, t in tensors.items()})
+        if os.path.exists(self.path) and os.path.getsize(self.path) != len(data):
+            raise RuntimeError(f"{self.path}: the gradient's layout changed ({len(data)} bytes, "
+                               f"was {os.path.getsize(self.path)})")
+        with open(self.path, "r+b" if os.path.exists(self.path) else "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- θ^t ----------------------------------------------------------------------------------
+    def _tensor(self, name: str, reader: RangeReader) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(base [rows, cols], experts [n, rows, cols]) of one tensor in fp32, and bytes read."""
+        if name in self._pool:
+            b, e = self._pool[name]
+            return b, e, 0
+        info = self.base.tensors[name][1]
+        rows = info.rows
+        got, nbytes = [], 0
+        for slot, m in enumerate([self.base, *self.experts]):
+            url, inf = m.tensors[name]
+            got.append(reader.read_rows(slot, url, inf, 0, rows).float().clone())
+            nbytes += inf.nbytes
+        b, e = got[0], torch.stack(got[1:])
+        if self.resident:
+            self._pool[name] = (b, e)
+        return b, e, nbytes
+
+    def merged(self, ctx: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
+        """θ^t for every tensor (float tensors built by the method's ``merge`` from the
+        coefficients in ``ctx``; integer ones the base's), and the tensor bytes read."""
+        from distmerge.methods.frank_wolfe import GROUP, initial_state
+
+        state = ctx.get(GROUP) or {}
+        if "coefficients" not in state:
+            ctx = {**ctx, GROUP: {**state, **initial_state(self.method, self._float_names(), len(self.experts))}}
+        reader = RangeReader(self.storage)
+        out, total = {}, 0
+        try:
+            for name in self.names:
+                info = self.base.tensors[name][1]
+                b, e, nbytes = self._tensor(name, reader)
+                total += nbytes
+                if info.dtype in FLOAT_DTYPES:
+                    block = Block(name=name, base=b, experts=e, weights=(1.0,) * len(self.experts), row_start=0)
+                    t = self.method.merge(block, ctx)
+                    # the merge pass writes the output dtype; the gradient is taken at θ^t in fp32
+                    out[name] = t.reshape(info.shape)
+                else:
+                    out[name] = b.to(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        finally:
+            reader.close()
+        return out, total
+
+    def _float_names(self) -> list[str]:
+        return [n for n in self.names if self.base.tensors[n][1].dtype in FLOAT_DTYPES]
+
+    # -- f and ∇f -----------------------------------------------------------------------------
+    def loss_and_grad(self, theta: dict[str, torch.Tensor], *, grad: bool = True
+                      ) -> tuple[float, dict[str, torch.Tensor]]:
+        """f(θ) and ∇f(θ) (float tensors; zeros for the others)."""
+        model = self.factory()
+        model.eval()
+        params = {n: (t.detach().clone().requires_grad_(grad) if t.is_floating_point() else t)
+                  for n, t in theta.items()}
+        total = 0.0
+        for x, y, kind in self.tasks:
+            w = 1.0 / (len(self.tasks) * x.shape[0])
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                yb = y[i:i + self.batch_size] if y is not None else None
+                with torch.set_grad_enabled(grad):
+                    logits = torch.func.functional_call(model, params, (xb,))
+                    loss = task_loss(logits, yb, kind) * w
+                if grad:
+                    loss.backward()
+                total += float(loss.detach())
+        if not math.isfinite(total):
+            raise ConfigError(f"method.objective: the loss at iteration's model is {total}; check the "
+                              "data sets and the model factory")
+        grads = {n: (p.grad if p.is_floating_point() and p.grad is not None
+                     else torch.zeros(p.shape, dtype=torch.float32)) for n, p in params.items()}
+        return total, {n: g.float() for n, g in grads.items()}
+
+    def run(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
+        """Write ∇f(θ^round) and return ``ctx`` with f(θ^round) in it."""
+        from distmerge.methods.frank_wolfe import GROUP
+
+        theta, nbytes = self.merged(ctx)
+        f, grads = self.loss_and_grad(theta)
+        self._write(grads)
+        self.pass_bytes.append(nbytes)
+        log.info("frank_wolfe gradient stage, iteration %d: f = %.6g, read %d pool bytes", round, f, nbytes)
+        return {**ctx, GROUP: {**(ctx.get(GROUP) or {}), "objective_now": f}}
+
+    def objective(self, ctx: dict[str, Any]) -> float:
+        """f at the final model (a forward pass only)."""
+        theta, nbytes = self.merged(ctx)
+        self.pass_bytes.append(nbytes)
+        f, _ = self.loss_and_grad(theta, grad=False)
+        return f
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
