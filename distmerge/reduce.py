@@ -49,11 +49,19 @@ def high_histograms(bits: torch.Tensor) -> np.ndarray:
 
 def low_histograms(bits: torch.Tensor, buckets: list[int]) -> np.ndarray:
     """For ``bits`` [T, ...] as above: the counts of the low 16 bits of the entries whose
-    high 16 bits equal ``buckets[t]`` (none counted for a bucket < 0), as int64[T, 65536]."""
+    high 16 bits equal ``buckets[t]`` (none counted for a bucket < 0), as int64[T, 65536].
+    On the CPU through numpy, whose boolean gather is about twice as fast as torch's here."""
     n = bits.shape[0]
+    hists = np.zeros((n, BINS), dtype=np.int64)
+    if bits.device.type == "cpu":
+        flat = bits.numpy().reshape(n, -1)
+        inside = (flat >> 16) == np.asarray(buckets, dtype=flat.dtype).reshape(n, 1)
+        for t in range(n):
+            if buckets[t] >= 0:
+                hists[t] = np.bincount(flat[t][inside[t]] & 0xFFFF, minlength=BINS)
+        return hists
     want = torch.tensor(buckets, dtype=bits.dtype, device=bits.device).view((n,) + (1,) * (bits.dim() - 1))
     inside = (bits >> 16) == want                                   # one pass for all T
-    hists = np.zeros((n, BINS), dtype=np.int64)
     for t in range(n):
         if buckets[t] >= 0:
             hists[t] = histogram16(bits[t][inside[t]] & 0xFFFF)

@@ -292,6 +292,13 @@ def test_existing_destination_and_bad_urls_are_refused_before_work(tmp_path, s3,
     assert _keys(s3, "out/taken/") == ["out/taken/model.safetensors"] and _open_uploads(s3) == []
 
 
+def test_frank_wolfe_to_an_object_store_is_refused_before_work(tmp_path, s3, s3_models, creds):
+    pipe = _s3_pipeline(tmp_path, s3, s3_models, f"s3://{BUCKET}/out/fw", method={"name": "frank_wolfe"})
+    with pytest.raises(ConfigError, match="frank_wolfe keeps its selection trace"):
+        run_pipeline(load_pipeline(pipe), executor="local", show_progress=False)
+    assert _keys(s3, "out/fw") == [] and _open_uploads(s3) == []
+
+
 # -- a local Hub -------------------------------------------------------------------------------------
 
 HF_TOKEN = "hf_local_test_token_0123456789"
