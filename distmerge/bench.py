@@ -602,9 +602,14 @@ def run_bench(args: argparse.Namespace) -> int:
         results = benchmark(args)
         text = render(results)
     print(text)
-    if args.json:
-        path = Path(args.json).expanduser()
+    write_figures(args.json, results)
+    return 0
+
+
+def write_figures(json_path: str | None, results: dict[str, Any]) -> None:
+    """``--json PATH``: the figures as JSON (and a line saying where)."""
+    if json_path:
+        path = Path(json_path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=1))
         print(f"figures written to {path}")
-    return 0

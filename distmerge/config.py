@@ -261,6 +261,20 @@ class MetricsConfig(_Strict):
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
+def _endpoint_url(v: str | None) -> str | None:
+    if v is not None and not re.match(r"^https?://[^/\s]+", v):
+        raise ValueError("expected an http:// or https:// URL")
+    return v
+
+
+def _env_var_name(v: str | None, what: str) -> str | None:
+    # The message never repeats the value: a secret pasted here must not reach a log.
+    if v is not None and not _ENV_NAME.fullmatch(v):
+        raise ValueError("must be the NAME of an environment variable (letters, digits, "
+                         f"'_'), never the {what} itself")
+    return v
+
+
 class S3Storage(_Strict):
     """How ``s3://`` URLs are opened (AWS or any S3-compatible endpoint).
 
@@ -280,18 +294,12 @@ class S3Storage(_Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("expected an http:// or https:// URL")
-        return v
+        return _endpoint_url(v)
 
     @field_validator("key_env", "secret_env", "token_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        # The message never repeats the value: a secret pasted here must not reach a log.
-        if v is not None and not _ENV_NAME.fullmatch(v):
-            raise ValueError("must be the NAME of an environment variable (letters, digits, "
-                             "'_'), never the credential itself")
-        return v
+        return _env_var_name(v, "credential")
 
     @model_validator(mode="after")
     def _pairs(self) -> "S3Storage":
@@ -318,17 +326,13 @@ class HubStorage(_Strict):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^/\s]+", v):
-            raise ValueError("expected an http:// or https:// URL")
+        v = _endpoint_url(v)
         return v.rstrip("/") if v else v
 
     @field_validator("token_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.fullmatch(v):
-            raise ValueError("must be the NAME of an environment variable (letters, digits, "
-                             "'_'), never the token itself")
-        return v
+        return _env_var_name(v, "token")
 
 
 class StorageConfig(_Strict):

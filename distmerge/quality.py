@@ -603,9 +603,7 @@ def run_quality(args: argparse.Namespace) -> int:
 
             ray.shutdown()
     print(render(results))
-    if args.json:
-        path = Path(args.json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(results, indent=1))
-        print(f"figures written to {path}")
+    from distmerge.bench import write_figures
+
+    write_figures(args.json, results)
     return 0
