@@ -1,0 +1,142 @@
+"""frank_wolfe's sharded gradient stage (torch FSDP2 across Ray actors, gloo on CPU) against the
+single-process stage: the same gradient checkpoint bytes and f, the same trace end to end, the
+choice of stage, and the refusals before work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distmerge.config import load_pipeline
+from distmerge.engine.driver import run_pipeline, validate
+from distmerge.engine.executors import RayExecutor
+from distmerge.errors import ConfigError
+from distmerge.select.gradient import GradientStage
+from distmerge.select.sharded import ShardedGradientStage, choose, chunk_rows, param_bytes
+from tests.conftest import make_pipeline, sha256_tree
+from tests.test_frank_wolfe import _data_spec, _mlp_data, _mlp_pool
+
+WORLD = int(os.environ.get("DISTMERGE_FSDP_WORLD", "2"))
+
+
+def _validated(tmp_path: Path, **kw):
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    spec = _data_spec(tasks, **kw)
+    pipe = load_pipeline(make_pipeline(tmp_path, models, method=spec, output={"path": str(tmp_path / "out")}))
+    return validate(pipe), models
+
+
+def test_chunk_rows_follow_torch_chunk():
+    for d0 in (0, 1, 3, 5, 8):
+        for world in (1, 2, 3, 4):
+            want = [c.shape[0] for c in torch.arange(d0).chunk(world)] if d0 else []
+            got = [chunk_rows(d0, world, r) for r in range(world)]
+            assert [b - a for a, b in got if b > a] == want
+            assert got[0][0] == 0 and got[-1][1] == d0 and all(got[i][1] == got[i + 1][0] or got[i + 1][0] == d0
+                                                               for i in range(world - 1))
+
+
+@pytest.mark.ray
+def test_sharded_gradient_equals_the_single_process_one(ray_session, tmp_path):
+    v, models = _validated(tmp_path, granularity="tensor")
+    fw = v.methods.default
+    single = GradientStage(fw, base=v.base, experts=v.experts, folder=str(tmp_path / "g1"))
+    sharded = ShardedGradientStage(fw, base=v.base, experts=v.experts, folder=str(tmp_path / "g2"),
+                                   workers=WORLD)
+    try:
+        names = [n for n in sorted(v.base.tensors) if n != "version"]
+        # θ^0 (init: merge) and a model with other coefficients per tensor (granularity tensor)
+        rng = np.random.default_rng(3)
+        ctxs = [{}, {"frank_wolfe": {"coefficients": {n: rng.uniform(0, 1, 3).tolist() for n in names}}}]
+        for ctx in ctxs:
+            a = single.run(0, ctx)["frank_wolfe"]["objective_now"]
+            b = sharded.run(0, ctx)["frank_wolfe"]["objective_now"]
+            assert a == b                                           # exact: see sharded.py
+            # the whole file: header and every tensor's bytes (gradient rows written per rank)
+            assert (tmp_path / "g1" / "model.safetensors").read_bytes() == \
+                   (tmp_path / "g2" / "model.safetensors").read_bytes()
+            g = load_file(str(tmp_path / "g2" / "model.safetensors"))
+            assert all(g[n].abs().sum() > 0 for n in names)         # every tensor's rows written
+            assert torch.equal(g["version"], torch.zeros(1))
+            assert single.objective(ctx) == sharded.objective(ctx)
+        # each rank read only its rows of the ≥ 2-D tensors (1-D ones whole): less than the pool
+        assert 0 < sharded.pass_bytes[0] <= WORLD * single.pass_bytes[0]
+    finally:
+        sharded.remove()
+        single.remove()
+    assert not (tmp_path / "g2").exists()
+
+
+def _trace(folder: Path) -> dict:
+    return json.loads((folder / "out" / "frank_wolfe_trace.json").read_text())
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("granularity, local_merge", [("model", "task_arithmetic"), ("tensor", "ties")])
+def test_end_to_end_sharded_equals_single(ray_session, tmp_path, granularity, local_merge):
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    extra = {"init": "base", "density": 0.5} if local_merge == "ties" else {}
+    out = {}
+    for mode in ("single", "sharded"):
+        spec = _data_spec(tasks, granularity=granularity, local_merge=local_merge, **extra)
+        spec["objective"]["gradient"] = mode
+        root = tmp_path / mode
+        pipe = make_pipeline(root, models, method=spec, output={"path": str(root / "out")},
+                             resources={"slice_size": "64B", "workers": 2})
+        run_pipeline(load_pipeline(pipe), executor=RayExecutor(workers=2), show_progress=False)
+        out[mode] = (_trace(root), sha256_tree(root / "out"))
+    (a, ha), (b, hb) = out["single"], out["sharded"]
+    assert [r["picked"] for r in a["iterations"]] == [r["picked"] for r in b["iterations"]]
+    assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
+    assert a["final_objective"] == b["final_objective"]
+    assert len({json.dumps(r["picked"], sort_keys=True) for r in a["iterations"]}) >= 1
+    # the output folder differs only in the trace's byte counts: the merged tensors are equal
+    sa = load_file(str(tmp_path / "single" / "out" / "model.safetensors"))
+    sb = load_file(str(tmp_path / "sharded" / "out" / "model.safetensors"))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert len(b["gradient_stage_bytes_read"]) == 4                 # 3 iterations + final f
+
+
+def test_auto_picks_the_sharded_stage_when_the_model_does_not_fit(tmp_path):
+    v, _ = _validated(tmp_path)
+    need = param_bytes(v.base) * 4
+    assert param_bytes(v.base) == 4 * (6 * 5 + 5 + 5 * 3 + 3)      # float tensors only
+    assert choose("auto", v.base, need) == "single"
+    assert choose("auto", v.base, need - 1) == "sharded"
+    assert choose("auto", v.base, 0) == "single"                   # 0: no limit
+    assert choose("single", v.base, 1) == "single" and choose("sharded", v.base, 10**12) == "sharded"
+
+
+def test_bad_gradient_settings_are_refused_before_work(tmp_path):
+    models = _mlp_pool(tmp_path / "m")
+    tasks = _mlp_data(tmp_path)
+    bad = _data_spec(tasks)
+    bad["objective"]["gradient"] = "fsdp"
+    with pytest.raises(ConfigError, match="objective.gradient: must be one of auto | single | sharded"):
+        validate(load_pipeline(make_pipeline(tmp_path / "a", models, method=bad)))
+    free = _data_spec(tasks)
+    free["objective"] = {"kind": "data_free", "gradient": "sharded"}
+    with pytest.raises(ConfigError, match="objective.gradient: unknown key of a data_free"):
+        validate(load_pipeline(make_pipeline(tmp_path / "b", models, method=free)))
+    half = _data_spec(tasks)
+    half["objective"]["gradient"] = "sharded"
+    out = tmp_path / "c" / "out"
+    with pytest.raises(ConfigError, match="gpus_per_worker: 0.5: the sharded gradient stage"):
+        run_pipeline(load_pipeline(make_pipeline(tmp_path / "c", models, method=half, output={"path": str(out)},
+                                                 resources={"gpus_per_worker": 0.5})),
+                     executor="local", show_progress=False)
+    assert not out.exists() and not any(p.name.startswith(".") for p in (tmp_path / "c").iterdir()
+                                        if p.name != "m")
+    # auto with a model that does not fit: the same refusal names the reason
+    auto = _data_spec(tasks)
+    with pytest.raises(ConfigError, match=r"gpus_per_worker: 0.5: the sharded gradient stage \(the model"):
+        validate(load_pipeline(make_pipeline(tmp_path / "d", models, method=auto,
+                                             resources={"gpus_per_worker": 0.5, "memory_per_worker": "100B"})))
