@@ -22,7 +22,10 @@ from distmerge.select.sharded import ShardedGradientStage, choose, chunk_rows, p
 from tests.conftest import make_pipeline, sha256_tree
 from tests.test_frank_wolfe import _data_spec, _mlp_data, _mlp_pool
 
+# the GPU check (.gpu/fsdp_gpu.sh) sets DISTMERGE_FSDP_GPUS=1 (nccl, one rank per GPU) and
+# DISTMERGE_FSDP_WORLD to the number of GPUs; the default is the CPU check: gloo, 2 ranks
 WORLD = int(os.environ.get("DISTMERGE_FSDP_WORLD", "2"))
+GPUS = float(os.environ.get("DISTMERGE_FSDP_GPUS", "0"))
 
 
 def _validated(tmp_path: Path, **kw):
@@ -49,7 +52,7 @@ def test_sharded_gradient_equals_the_single_process_one(ray_session, tmp_path):
     fw = v.methods.default
     single = GradientStage(fw, base=v.base, experts=v.experts, folder=str(tmp_path / "g1"))
     sharded = ShardedGradientStage(fw, base=v.base, experts=v.experts, folder=str(tmp_path / "g2"),
-                                   workers=WORLD)
+                                   workers=WORLD, gpus_per_worker=GPUS)
     try:
         names = [n for n in sorted(v.base.tensors) if n != "version"]
         # θ^0 (init: merge) and a model with other coefficients per tensor (granularity tensor)
@@ -58,16 +61,36 @@ def test_sharded_gradient_equals_the_single_process_one(ray_session, tmp_path):
         for ctx in ctxs:
             a = single.run(0, ctx)["frank_wolfe"]["objective_now"]
             b = sharded.run(0, ctx)["frank_wolfe"]["objective_now"]
+            g = load_file(str(tmp_path / "g2" / "model.safetensors"))
+            assert single.objective(ctx) == pytest.approx(sharded.objective(ctx), rel=1e-5 if GPUS else 0)
+            want = load_file(str(tmp_path / "g1" / "model.safetensors"))
+            if GPUS:        # GPU kernels against the CPU: fp32 rounding of other summation orders
+                assert b == pytest.approx(a, rel=1e-5)
+                for n in want:
+                    torch.testing.assert_close(g[n], want[n], rtol=1e-4, atol=1e-6)
+                continue
+            if WORLD > 2:
+                # the mean of WORLD equal copies of a batch's gradient may round (≤ WORLD − 1 ulp
+                # of the batch term before the division); 6 batches accumulated, so an entry
+                # whose batch terms cancel has a larger relative error (seen: 2e-6 relative,
+                # 4e-9 absolute at world 3): rtol 1e-5 with atol 1e-8 (|∇f| here ~1e-2..1e-1)
+                assert a == b                                       # f: every rank the same sum
+                for n in want:
+                    torch.testing.assert_close(g[n], want[n], rtol=1e-5, atol=1e-8)
+                continue
             assert a == b                                           # exact: see sharded.py
             # the whole file: header and every tensor's bytes (gradient rows written per rank)
             assert (tmp_path / "g1" / "model.safetensors").read_bytes() == \
                    (tmp_path / "g2" / "model.safetensors").read_bytes()
-            g = load_file(str(tmp_path / "g2" / "model.safetensors"))
             assert all(g[n].abs().sum() > 0 for n in names)         # every tensor's rows written
             assert torch.equal(g["version"], torch.zeros(1))
-            assert single.objective(ctx) == sharded.objective(ctx)
-        # each rank read only its rows of the ≥ 2-D tensors (1-D ones whole): less than the pool
-        assert 0 < sharded.pass_bytes[0] <= WORLD * single.pass_bytes[0]
+        # the ranks read the rows of the ≥ 2-D tensors between them once (each its own) and
+        # every 1-D tensor whole each; the single stage the whole pool once; both keep them
+        whole = {n: sum(m.tensors[n][1].nbytes for m in [v.base, *v.experts]) for n in v.base.tensors}
+        one_d = sum(b for n, b in whole.items() if len(v.base.tensors[n][1].shape) < 2)
+        assert single.pass_bytes[0] == sum(whole.values())
+        assert sharded.pass_bytes[0] == sum(whole.values()) + (WORLD - 1) * one_d
+        assert single.pass_bytes[1:] == sharded.pass_bytes[1:] == [0] * 3
     finally:
         sharded.remove()
         single.remove()
@@ -97,12 +120,16 @@ def test_end_to_end_sharded_equals_single(ray_session, tmp_path, granularity, lo
     assert [r["picked"] for r in a["iterations"]] == [r["picked"] for r in b["iterations"]]
     assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
     assert a["final_objective"] == b["final_objective"]
-    assert len({json.dumps(r["picked"], sort_keys=True) for r in a["iterations"]}) >= 1
+    picks = {p for r in a["iterations"] for p in ([r["picked"]] if isinstance(r["picked"], str)
+                                                   else r["picked"].values())}
+    assert len(picks) > 1, "one expert picked throughout: a weak comparison"
     # the output folder differs only in the trace's byte counts: the merged tensors are equal
     sa = load_file(str(tmp_path / "single" / "out" / "model.safetensors"))
     sb = load_file(str(tmp_path / "sharded" / "out" / "model.safetensors"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert len(b["gradient_stage_bytes_read"]) == 4                 # 3 iterations + final f
+    # the sharded stage ran: its ranks read each 1-D tensor (biases) once per rank
+    assert b["gradient_stage_bytes_read"][0] > a["gradient_stage_bytes_read"][0]
 
 
 def test_auto_picks_the_sharded_stage_when_the_model_does_not_fit(tmp_path):
@@ -133,8 +160,7 @@ def test_bad_gradient_settings_are_refused_before_work(tmp_path):
         run_pipeline(load_pipeline(make_pipeline(tmp_path / "c", models, method=half, output={"path": str(out)},
                                                  resources={"gpus_per_worker": 0.5})),
                      executor="local", show_progress=False)
-    assert not out.exists() and not any(p.name.startswith(".") for p in (tmp_path / "c").iterdir()
-                                        if p.name != "m")
+    assert not out.exists()
     # auto with a model that does not fit: the same refusal names the reason
     auto = _data_spec(tasks)
     with pytest.raises(ConfigError, match=r"gpus_per_worker: 0.5: the sharded gradient stage \(the model"):

@@ -221,10 +221,11 @@ class ThetaAndLoss:
         return [n for n in self.names if self.base.tensors[n][1].dtype in FLOAT_DTYPES]
 
     # -- f and ∇f -----------------------------------------------------------------------------
-    def forward_sum(self, call: Any, *, grad: bool) -> float:
+    def forward_sum(self, call: Any, *, grad: bool, device: Any = None) -> float:
         """f = Σ_task 1/(|tasks| N_task) Σ_batches loss(call(x_b), y_b), back-propagating each
         batch's term in a fixed order (tasks in order, batches of ``batch_size`` in row order)
         when ``grad``; the same order and scaling for the single-process and the sharded stage.
+        ``device``: where the batches go (the sharded stage's GPU ranks); None leaves them.
 
         Raises:
             ConfigError: f is not finite."""
@@ -234,6 +235,8 @@ class ThetaAndLoss:
             for i in range(0, x.shape[0], self.batch_size):
                 xb = x[i:i + self.batch_size]
                 yb = y[i:i + self.batch_size] if y is not None else None
+                if device is not None:
+                    xb, yb = xb.to(device), (yb.to(device) if yb is not None else None)
                 with torch.set_grad_enabled(grad):
                     loss = task_loss(call(xb), yb, kind) * w
                 if grad:

@@ -219,7 +219,7 @@ class GradientRank(ThetaAndLoss):
                     owner, _, leaf = name.rpartition(".")
                     mod = model.get_submodule(owner) if owner else model
                     mod._buffers[leaf] = t.to(dev)
-        f = self.forward_sum(lambda xb: model(xb.to(dev)), grad=grad)
+        f = self.forward_sum(model, grad=grad, device=dev)
         if grad:
             with open(path, "r+b") as fh:
                 for name, p in params.items():
