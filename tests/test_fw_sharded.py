@@ -54,6 +54,7 @@ def test_sharded_gradient_equals_the_single_process_one(ray_session, tmp_path):
     sharded = ShardedGradientStage(fw, base=v.base, experts=v.experts, folder=str(tmp_path / "g2"),
                                    workers=WORLD, gpus_per_worker=GPUS)
     try:
+        assert sharded.backend == ("nccl" if GPUS else "gloo")
         names = [n for n in sorted(v.base.tensors) if n != "version"]
         # θ^0 (init: merge) and a model with other coefficients per tensor (granularity tensor)
         rng = np.random.default_rng(3)

@@ -20,10 +20,9 @@ candidate's score (:meth:`distmerge.methods.frank_wolfe.FrankWolfe.stats`).
 This is the plain-torch path for models that fit one process; it runs in the driver process
 and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
 (otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
-one process need the gradient sharded across GPU actors (DeepSpeed ZeRO-3 or torch FSDP): NOT
-BUILT. The seam is :meth:`GradientStage.loss_and_grad` (θ^t in, f and ∇f out, written in the
-base's layout by :meth:`GradientStage.run`); a sharded stage would replace it and write its
-shards of ∇f into the same file layout.
+one process (or ``objective.gradient: sharded``) use :mod:`distmerge.select.sharded`: torch
+FSDP2 across Ray actors, each rank building its rows of θ^t with :meth:`ThetaAndLoss.merged`
+and writing its rows of ∇f into the same file layout.
 """
 
 from __future__ import annotations

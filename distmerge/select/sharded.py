@@ -268,8 +268,9 @@ class ShardedGradientStage(GradientStage):
         if host == ray.util.get_node_ip_address():
             host = "127.0.0.1" if workers == 1 or self._all_local() else host
         backends = ray.get([a.init.remote(host, port) for a in self.actors])
+        self.backend = backends[0]
         log.info("frank_wolfe data objective: sharded gradient stage, %d %s ranks (FSDP2), "
-                 "rendezvous %s:%d", workers, backends[0], host, port)
+                 "rendezvous %s:%d", workers, self.backend, host, port)
 
     def _all_local(self) -> bool:
         import ray
