@@ -167,3 +167,15 @@ def test_bad_gradient_settings_are_refused_before_work(tmp_path):
     with pytest.raises(ConfigError, match=r"gpus_per_worker: 0.5: the sharded gradient stage \(the model"):
         validate(load_pipeline(make_pipeline(tmp_path / "d", models, method=auto,
                                              resources={"gpus_per_worker": 0.5, "memory_per_worker": "100B"})))
+
+
+@pytest.mark.ray
+def test_nccl_ranks_need_a_gpu_each_and_leave_nothing_behind(ray_session, tmp_path):
+    if GPUS:
+        pytest.skip("the CPU check of the refusal")
+    v, _ = _validated(tmp_path)
+    gpus = int(ray_session.cluster_resources().get("GPU", 0))
+    with pytest.raises(ConfigError, match=f"has {gpus} GPU\\(s\\) for {gpus + 1} ranks"):
+        ShardedGradientStage(v.methods.default, base=v.base, experts=v.experts,
+                             folder=str(tmp_path / "g"), workers=gpus + 1, gpus_per_worker=1)
+    assert not (tmp_path / "g").exists()

@@ -7,8 +7,9 @@ driver-process path of :mod:`distmerge.select.gradient` whatever the size.
 
 ``resources.workers`` Ray actors (:class:`GradientRank`, apart from the slice actors; started
 with the stage, stopped by :meth:`ShardedGradientStage.remove` after the run) form one
-``torch.distributed`` process group: ``nccl`` when ``resources.gpus_per_worker`` > 0 (every
-rank on its GPU), ``gloo`` on CPU. The rendezvous is a TCP address the driver chooses: rank 0's
+``torch.distributed`` process group: ``nccl`` when ``resources.gpus_per_worker`` ≥ 1 (every
+rank on its own GPU: :func:`gpu_slots`; the ranks take no Ray GPU resource, the slice actors
+hold them and are idle meanwhile), ``gloo`` on CPU. The rendezvous is a TCP address the driver chooses: rank 0's
 node address and a free port found there (127.0.0.1 when rank 0 runs on the driver's node).
 
 Each iteration, every rank
@@ -116,6 +117,25 @@ def chunk_rows(d0: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(d0, start + size)
 
 
+def gpu_slots(workers: int) -> list[tuple[str, int]]:
+    """(node id, device index) for each of ``workers`` NCCL ranks: the alive nodes' GPUs in node
+    order, filled node by node (ranks of one node talk over NVLink/PCIe).
+
+    Raises:
+        ConfigError: the cluster has fewer GPUs than ranks."""
+    import ray
+
+    slots = []
+    for node in sorted(ray.nodes(), key=lambda n: n["NodeID"]):
+        n = int(node.get("Resources", {}).get("GPU", 0)) if node.get("Alive") else 0
+        slots += [(node["NodeID"], i) for i in range(n)]
+    if len(slots) < workers:
+        raise ConfigError(f"resources.workers: the sharded gradient stage runs one NCCL rank per GPU "
+                          f"and the Ray cluster has {len(slots)} GPU(s) for {workers} ranks; lower "
+                          "workers or set gpus_per_worker: 0 (gloo on CPU)")
+    return slots[:workers]
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -134,11 +154,12 @@ class GradientRank(ThetaAndLoss):
     """One rank of the sharded stage (a Ray actor)."""
 
     def __init__(self, rank: int, world: int, method: Any, base: ModelHeaders,
-                 experts: list[ModelHeaders], storage: Any, memory: int, gpu: bool):
+                 experts: list[ModelHeaders], storage: Any, memory: int, gpu_index: int):
         share = (param_bytes(base) * (len(experts) + 1)) // max(1, world)
         super().__init__(method, base=base, experts=experts, storage=storage, memory=memory,
                          pool_bytes=share)
-        self.rank, self.world, self.gpu = rank, world, gpu
+        self.rank, self.world = rank, world
+        self.gpu, self.gpu_index = gpu_index >= 0, gpu_index     # -1: CPU (gloo)
         self.model: torch.nn.Module | None = None
         self.rows: dict[str, tuple[int, int]] = {}
         self.parts: dict[str, tuple[int, int]] = {}     # dim-0 range of each parameter's shard
@@ -153,13 +174,16 @@ class GradientRank(ThetaAndLoss):
 
         backend = "nccl" if self.gpu else "gloo"
         if self.gpu:
-            torch.cuda.set_device(0)              # Ray exposes this actor's GPU as device 0
+            if self.gpu_index >= torch.cuda.device_count():
+                raise ConfigError(f"gradient rank {self.rank}: GPU {self.gpu_index} of its node is not "
+                                  f"visible ({torch.cuda.device_count()} visible)")
+            torch.cuda.set_device(self.gpu_index)
         dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=self.rank,
                                 world_size=self.world)
         return backend
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.gpu else torch.device("cpu")
+        return torch.device("cuda", self.gpu_index) if self.gpu else torch.device("cpu")
 
     def _build(self) -> None:
         from torch.distributed.device_mesh import init_device_mesh
@@ -201,6 +225,8 @@ class GradientRank(ThetaAndLoss):
              offsets: dict[str, int]) -> tuple[float, int]:
         """f(θ^t) (the same on every rank) and the pool bytes this rank read; with ``grad``,
         this rank's rows of ∇f written into ``path`` at ``offsets`` (each tensor's first byte)."""
+        if self.gpu:
+            torch.cuda.set_device(self.gpu_index)
         if self.model is None:
             self._build()
         model = self.model
@@ -259,15 +285,30 @@ class ShardedGradientStage(GradientStage):
         self.resident = False                       # the driver builds no θ^t
         self.world = workers
         self.offsets = {n: info.start for n, (_, info) in self.headers.tensors.items()}
-        gpu = gpus_per_worker >= 1
-        opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 1 if gpu else 0, "max_restarts": 0}
-        remote = ray.remote(GradientRank).options(**opts)
-        self.actors = [remote.remote(r, workers, method, base, experts, storage, memory, gpu)
-                       for r in range(workers)]
-        host, port = ray.get(self.actors[0].address.remote())
-        if host == ray.util.get_node_ip_address():
-            host = "127.0.0.1" if workers == 1 or self._all_local() else host
-        backends = ray.get([a.init.remote(host, port) for a in self.actors])
+        self.actors: list[Any] = []
+        try:
+            gpu = gpus_per_worker >= 1
+            # The ranks take no GPU resource from Ray: the slice actors hold the GPUs for the whole
+            # run (asking for more would wait forever, or starve the slice actors), and they are
+            # idle while the gradient stage runs. So each rank is pinned to a node with GPUs and a
+            # device index there (Ray leaves CUDA_VISIBLE_DEVICES alone for a 0-GPU actor).
+            slots = gpu_slots(workers) if gpu else [(None, -1)] * workers
+            self.actors = []
+            for r, (node, index) in enumerate(slots):
+                opts: dict[str, Any] = {"num_cpus": 0, "num_gpus": 0, "max_restarts": 0}
+                if node is not None:
+                    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                    opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+                self.actors.append(ray.remote(GradientRank).options(**opts).remote(
+                    r, workers, method, base, experts, storage, memory, index))
+            host, port = ray.get(self.actors[0].address.remote())
+            if host == ray.util.get_node_ip_address():
+                host = "127.0.0.1" if workers == 1 or self._all_local() else host
+            backends = ray.get([a.init.remote(host, port) for a in self.actors])
+        except BaseException:
+            self.remove()                           # no rank left behind, no gradient folder
+            raise
         self.backend = backends[0]
         log.info("frank_wolfe data objective: sharded gradient stage, %d %s ranks (FSDP2), "
                  "rendezvous %s:%d", workers, self.backend, host, port)
