@@ -56,6 +56,7 @@ from distmerge.select.objectives import DataFree, data_free_at, scores_from_prod
 
 GROUP = "frank_wolfe"
 LOSSES = ("cross_entropy", "entropy")
+GRADIENT_MODES = ("auto", "single", "sharded")
 
 
 def _default_objective() -> dict[str, Any]:
@@ -85,10 +86,13 @@ def check_objective(obj: Any) -> None:
             if len(set(map(str, targets))) != len(targets):
                 raise ValueError("objective.targets: lists a target twice")
     elif kind == "data":
-        unknown = set(obj) - {"kind", "model", "tasks", "batch_size"}
+        unknown = set(obj) - {"kind", "model", "tasks", "batch_size", "gradient"}
         if unknown:
             raise ValueError(f"objective.{sorted(unknown)[0]}: unknown key of a data objective "
-                             "(known: kind, model, tasks, batch_size)")
+                             "(known: kind, model, tasks, batch_size, gradient)")
+        if obj.get("gradient", "auto") not in GRADIENT_MODES:
+            raise ValueError(f"objective.gradient: must be one of {' | '.join(GRADIENT_MODES)} (where "
+                             f"∇f is computed: auto, the driver, FSDP ranks), got {obj.get('gradient')!r}")
         model = obj.get("model")
         if not isinstance(model, str) or model.count(":") != 1 or not all(model.split(":")):
             raise ValueError(f"objective.model: must be \"package.module:factory\", got {model!r}")

@@ -20,10 +20,9 @@ candidate's score (:meth:`distmerge.methods.frank_wolfe.FrankWolfe.stats`).
 This is the plain-torch path for models that fit one process; it runs in the driver process
 and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
 (otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
-one process need the gradient sharded across GPU actors (DeepSpeed ZeRO-3 or torch FSDP): NOT
-BUILT. The seam is :meth:`GradientStage.loss_and_grad` (θ^t in, f and ∇f out, written in the
-base's layout by :meth:`GradientStage.run`); a sharded stage would replace it and write its
-shards of ∇f into the same file layout.
+one process (or ``objective.gradient: sharded``) use :mod:`distmerge.select.sharded`: torch
+FSDP2 across Ray actors, each rank building its rows of θ^t with :meth:`ThetaAndLoss.merged`
+and writing its rows of ∇f into the same file layout.
 """
 
 from __future__ import annotations
@@ -134,16 +133,16 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor | None, kind: str) -> t
     return -(logp.exp() * logp).sum()
 
 
-class GradientStage:
-    """Writes ∇f(θ^t) before each statistics round of a data objective (see the module
-    docstring). ``headers``: the gradient checkpoint's, for the workers' Job."""
+class ThetaAndLoss:
+    """θ^t from the pool and f, ∇f at it: the parts of the gradient stage that do not write the
+    checkpoint (shared by :class:`GradientStage` in the driver and the ranks of
+    :mod:`distmerge.select.sharded`)."""
 
     def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
-                 folder: str, storage: Any = None, memory: int = 0):
+                 storage: Any = None, memory: int = 0, pool_bytes: int | None = None):
         self.method = method
         self.base = base
         self.experts = experts
-        self.folder = folder
         self.storage = storage
         self.names = sorted(base.tensors)
         obj = method.objective
@@ -157,13 +156,125 @@ class GradientStage:
                 y = f.get_tensor("labels") if "labels" in keys else None
             self.tasks.append((x, y, task.get("loss", "cross_entropy")))
         fp32 = sum(info.numel * 4 for _, info in base.tensors.values()) * (len(experts) + 1)
-        self.resident = memory <= 0 or fp32 <= memory
-        self._pool: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.pool_fp32 = fp32 if pool_bytes is None else pool_bytes
+        self.resident = memory <= 0 or self.pool_fp32 <= memory
+        self._pool: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pass_bytes: list[int] = []
+
+
+    # -- θ^t ----------------------------------------------------------------------------------
+    def _tensor(self, name: str, reader: RangeReader, rows: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(base [rows, cols], experts [n, rows, cols]) of one tensor in fp32 — its rows
+        ``rows = (start, stop)`` (the checkpoint's rows: dim 0 of a ≥ 2-D tensor; a 0-D or 1-D
+        tensor is one row), all of them when None — and the bytes read."""
+        key = name if rows is None else (name, rows)
+        if key in self._pool:
+            b, e = self._pool[key]
+            return b, e, 0
+        info = self.base.tensors[name][1]
+        start, stop = (0, info.rows) if rows is None else rows
+        got, nbytes = [], 0
+        for slot, m in enumerate([self.base, *self.experts]):
+            url, inf = m.tensors[name]
+            got.append(reader.read_rows(slot, url, inf, start, stop).float().clone())
+            nbytes += inf.row_bytes * (stop - start)
+        b, e = got[0], torch.stack(got[1:])
+        if self.resident:
+            self._pool[key] = (b, e)
+        return b, e, nbytes
+
+    def merged(self, ctx: dict[str, Any], rows: dict[str, tuple[int, int]] | None = None
+               ) -> tuple[dict[str, torch.Tensor], int]:
+        """θ^t for every tensor (float tensors built by the method's ``merge`` from the
+        coefficients in ``ctx``; integer ones the base's), and the tensor bytes read. With
+        ``rows``, a tensor named there is built for those rows only (shape [stop − start,
+        *shape[1:]]; the rows of a ≥ 2-D tensor), the others whole."""
+        from distmerge.methods.frank_wolfe import GROUP, initial_state
+
+        state = ctx.get(GROUP) or {}
+        if "coefficients" not in state:
+            ctx = {**ctx, GROUP: {**state, **initial_state(self.method, self._float_names(), len(self.experts))}}
+        reader = RangeReader(self.storage)
+        out, total = {}, 0
+        try:
+            for name in self.names:
+                info = self.base.tensors[name][1]
+                part = (rows or {}).get(name)
+                b, e, nbytes = self._tensor(name, reader, part)
+                total += nbytes
+                shape = info.shape if part is None else (part[1] - part[0], *info.shape[1:])
+                if info.dtype in FLOAT_DTYPES:
+                    block = Block(name=name, base=b, experts=e, weights=(1.0,) * len(self.experts),
+                                  row_start=0 if part is None else part[0])
+                    t = self.method.merge(block, ctx)
+                    # the merge pass writes the output dtype; the gradient is taken at θ^t in fp32
+                    out[name] = t.reshape(shape)
+                else:
+                    out[name] = b.to(TORCH_DTYPES[info.dtype]).reshape(shape)
+        finally:
+            reader.close()
+        return out, total
+
+    def _float_names(self) -> list[str]:
+        return [n for n in self.names if self.base.tensors[n][1].dtype in FLOAT_DTYPES]
+
+    # -- f and ∇f -----------------------------------------------------------------------------
+    def forward_sum(self, call: Any, *, grad: bool, device: Any = None) -> float:
+        """f = Σ_task 1/(|tasks| N_task) Σ_batches loss(call(x_b), y_b), back-propagating each
+        batch's term in a fixed order (tasks in order, batches of ``batch_size`` in row order)
+        when ``grad``; the same order and scaling for the single-process and the sharded stage.
+        ``device``: where the batches go (the sharded stage's GPU ranks); None leaves them.
+
+        Raises:
+            ConfigError: f is not finite."""
+        total = 0.0
+        for x, y, kind in self.tasks:
+            w = 1.0 / (len(self.tasks) * x.shape[0])
+            for i in range(0, x.shape[0], self.batch_size):
+                xb = x[i:i + self.batch_size]
+                yb = y[i:i + self.batch_size] if y is not None else None
+                if device is not None:
+                    xb, yb = xb.to(device), (yb.to(device) if yb is not None else None)
+                with torch.set_grad_enabled(grad):
+                    loss = task_loss(call(xb), yb, kind) * w
+                if grad:
+                    loss.backward()
+                total += float(loss.detach())
+        if not math.isfinite(total):
+            raise ConfigError(f"method.objective: the loss at iteration's model is {total}; check the "
+                              "data sets and the model factory")
+        return total
+
+    def loss_and_grad(self, theta: dict[str, torch.Tensor], *, grad: bool = True
+                      ) -> tuple[float, dict[str, torch.Tensor]]:
+        """f(θ) and ∇f(θ) (float tensors; zeros for the others)."""
+        model = self.factory()
+        model.eval()
+        params = {n: (t.detach().clone().requires_grad_(grad) if t.is_floating_point() else t)
+                  for n, t in theta.items()}
+        total = self.forward_sum(lambda xb: torch.func.functional_call(model, params, (xb,)), grad=grad)
+        grads = {n: (p.grad if p.is_floating_point() and p.grad is not None
+                     else torch.zeros(p.shape, dtype=torch.float32)) for n, p in params.items()}
+        return total, {n: g.float() for n, g in grads.items()}
+
+
+class GradientStage(ThetaAndLoss):
+    """Writes ∇f(θ^t) before each statistics round of a data objective (see the module
+    docstring). ``headers``: the gradient checkpoint's, for the workers' Job."""
+
+    def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
+                 folder: str, storage: Any = None, memory: int = 0):
+        super().__init__(method, base=base, experts=experts, storage=storage, memory=memory)
+        self.folder = folder
+        fp32 = self.pool_fp32
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "model.safetensors")
         self._write({n: torch.zeros(base.tensors[n][1].shape, dtype=torch.float32) for n in self.names})
         self.headers = read_model_headers(folder)
+        self._log_plan(fp32)
+
+    def _log_plan(self, fp32: int) -> None:
         log.info("frank_wolfe data objective: gradient checkpoint %s; the pool's fp32 tensors "
                  "(%d bytes) %s", self.path, fp32,
                  "stay resident between iterations" if self.resident
@@ -182,80 +293,6 @@ class GradientStage:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-
-    # -- θ^t ----------------------------------------------------------------------------------
-    def _tensor(self, name: str, reader: RangeReader) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(base [rows, cols], experts [n, rows, cols]) of one tensor in fp32, and bytes read."""
-        if name in self._pool:
-            b, e = self._pool[name]
-            return b, e, 0
-        info = self.base.tensors[name][1]
-        rows = info.rows
-        got, nbytes = [], 0
-        for slot, m in enumerate([self.base, *self.experts]):
-            url, inf = m.tensors[name]
-            got.append(reader.read_rows(slot, url, inf, 0, rows).float().clone())
-            nbytes += inf.nbytes
-        b, e = got[0], torch.stack(got[1:])
-        if self.resident:
-            self._pool[name] = (b, e)
-        return b, e, nbytes
-
-    def merged(self, ctx: dict[str, Any]) -> tuple[dict[str, torch.Tensor], int]:
-        """θ^t for every tensor (float tensors built by the method's ``merge`` from the
-        coefficients in ``ctx``; integer ones the base's), and the tensor bytes read."""
-        from distmerge.methods.frank_wolfe import GROUP, initial_state
-
-        state = ctx.get(GROUP) or {}
-        if "coefficients" not in state:
-            ctx = {**ctx, GROUP: {**state, **initial_state(self.method, self._float_names(), len(self.experts))}}
-        reader = RangeReader(self.storage)
-        out, total = {}, 0
-        try:
-            for name in self.names:
-                info = self.base.tensors[name][1]
-                b, e, nbytes = self._tensor(name, reader)
-                total += nbytes
-                if info.dtype in FLOAT_DTYPES:
-                    block = Block(name=name, base=b, experts=e, weights=(1.0,) * len(self.experts), row_start=0)
-                    t = self.method.merge(block, ctx)
-                    # the merge pass writes the output dtype; the gradient is taken at θ^t in fp32
-                    out[name] = t.reshape(info.shape)
-                else:
-                    out[name] = b.to(TORCH_DTYPES[info.dtype]).reshape(info.shape)
-        finally:
-            reader.close()
-        return out, total
-
-    def _float_names(self) -> list[str]:
-        return [n for n in self.names if self.base.tensors[n][1].dtype in FLOAT_DTYPES]
-
-    # -- f and ∇f -----------------------------------------------------------------------------
-    def loss_and_grad(self, theta: dict[str, torch.Tensor], *, grad: bool = True
-                      ) -> tuple[float, dict[str, torch.Tensor]]:
-        """f(θ) and ∇f(θ) (float tensors; zeros for the others)."""
-        model = self.factory()
-        model.eval()
-        params = {n: (t.detach().clone().requires_grad_(grad) if t.is_floating_point() else t)
-                  for n, t in theta.items()}
-        total = 0.0
-        for x, y, kind in self.tasks:
-            w = 1.0 / (len(self.tasks) * x.shape[0])
-            for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size]
-                yb = y[i:i + self.batch_size] if y is not None else None
-                with torch.set_grad_enabled(grad):
-                    logits = torch.func.functional_call(model, params, (xb,))
-                    loss = task_loss(logits, yb, kind) * w
-                if grad:
-                    loss.backward()
-                total += float(loss.detach())
-        if not math.isfinite(total):
-            raise ConfigError(f"method.objective: the loss at iteration's model is {total}; check the "
-                              "data sets and the model factory")
-        grads = {n: (p.grad if p.is_floating_point() and p.grad is not None
-                     else torch.zeros(p.shape, dtype=torch.float32)) for n, p in params.items()}
-        return total, {n: g.float() for n, g in grads.items()}
 
     def run(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
         """Write ∇f(θ^round) and return ``ctx`` with f(θ^round) in it."""

@@ -94,7 +94,12 @@ def bind_pool(methods: "MethodSet", pipeline: "Pipeline", base: "ModelHeaders",
     if obj.get("kind") == "data":
         from distmerge.select.gradient import check_data_objective
 
+        from distmerge.select.sharded import check_sharded
+
         check_data_objective(obj, base)
+        r = pipeline.resources
+        check_sharded(obj, base, workers=r.workers, memory=r.memory_per_worker,
+                      gpus_per_worker=r.gpus_per_worker)
     return MethodSet(dataclasses.replace(fw, objective=obj), [])
 
 
@@ -137,8 +142,11 @@ class Selection:
     any other method)."""
 
     def __init__(self, method: Any, expert_urls: list[str], base: "ModelHeaders",
-                 experts: list["ModelHeaders"], storage: Any = None, memory: int = 0):
+                 experts: list["ModelHeaders"], storage: Any = None, memory: int = 0,
+                 workers: int = 1, gpus_per_worker: float = 0):
         self.method = method
+        self.workers = workers                 # the sharded gradient stage's ranks
+        self.gpus_per_worker = gpus_per_worker
         self.expert_urls = expert_urls
         self.base = base
         self.experts = experts
@@ -161,7 +169,8 @@ class Selection:
         if not _is_fw(methods):
             return None
         return cls(methods.default, [e.path for e in pipeline.experts], base, experts,
-                   storage=pipeline.storage, memory=pipeline.resources.memory_per_worker)
+                   storage=pipeline.storage, memory=pipeline.resources.memory_per_worker,
+                   workers=pipeline.resources.workers, gpus_per_worker=pipeline.resources.gpus_per_worker)
 
     # -- the data objective's gradient checkpoint ------------------------------------------
     def extra_sources(self, staging: str) -> list["ModelHeaders"]:
@@ -169,11 +178,12 @@ class Selection:
         data objective (written now as zeros, so its headers exist before the workers start)."""
         if self.method.kind != "data":
             return []
-        from distmerge.select.gradient import GradientStage
+        from distmerge.select.sharded import make_stage
 
-        self.stage = GradientStage(self.method, base=self.base, experts=self.experts,
-                                   folder=os.path.join(staging, "frank_wolfe_gradient"),
-                                   storage=self.storage, memory=self.memory)
+        self.stage = make_stage(self.method, base=self.base, experts=self.experts,
+                                folder=os.path.join(staging, "frank_wolfe_gradient"),
+                                storage=self.storage, memory=self.memory, workers=self.workers,
+                                gpus_per_worker=self.gpus_per_worker)
         return [self.stage.headers]
 
     def before_round(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
