@@ -212,6 +212,40 @@ def test_random_tie_heavy_data_with_a_forced_wrong_guess(monkeypatch):
     assert redone > 0
 
 
+@pytest.mark.parametrize("shortcut", [True, False], ids=["from-merged", "max-abs"])
+@pytest.mark.parametrize("density,weights", [(0.7, (1.0, 0.5, 2.0)), (0.7, (1.0, 1.0, 1.0)),
+                                             (1.0, (1.0, 1.0, 1.0))])
+def test_merge_statistics_are_the_brute_force_counts(monkeypatch, shortcut, density, weights):
+    """``signs`` is Σ sign(Σ_t w_t τ̂_t) and ``sensitive±`` counts the positions where that sum
+    is 0 and some τ̂_t is not, by either way of counting them (the shortcut through the merged
+    block where it is exact, max |τ̂_t| otherwise; density 1 keeps all: no shortcut)."""
+    from distmerge.methods import ties as ties_module
+
+    if not shortcut:
+        monkeypatch.setattr(ties_module, "_decided_where_merged_nonzero", lambda thr, w: False)
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randint(-3, 4, (50, 12), generator=g).float() * 0.25).to(BF16)
+    experts = [(torch.randint(-3, 4, (50, 12), generator=g).float() * 0.25).to(BF16) for _ in range(3)]
+    ms = build("ties", {"density": density, "scope": "model"})
+    out = {}
+    monkeypatch.setattr(ties_module.Ties, "merge_with_stats",
+                        lambda self, b, c, f=ties_module.Ties.merge_with_stats: out.setdefault(
+                            "r", f(self, b, c)))
+    merge_tensors(ms, {"w": base}, [{"w": e} for e in experts], list(weights))
+    _, stats = out["r"]
+    tau = torch.stack([e.float() - base.float() for e in experts])
+    n = tau[0].numel()
+    thr = [0.0 if int(density * n) == n else float(tau[t].abs().reshape(-1).kthvalue(n - int(density * n)).values)
+           for t in range(3)]
+    trimmed = tau * (tau.abs() >= torch.tensor(thr).view(-1, 1, 1))
+    total = weighted_sum(trimmed, weights)
+    want = int(((total == 0) & (trimmed != 0).any(0)).sum())
+    g_ = ms.default.group("w")
+    assert want > 0
+    assert int(stats[f"{g_}/signs"][0]) == int(torch.sign(total).sum())
+    assert sum(int(v[0]) for k, v in stats.items() if "/sensitive" in k) == want
+
+
 def test_lines_keeps_the_exact_sign_round():
     ms = build("ties", {"density": 0.5, "scope": "model", "lines": {"beta": 0.5}})
     assert isinstance(ms.default.inner, ExactSignTies) and ms.default.rounds == 4

@@ -43,7 +43,11 @@ ROUND_HIGH, ROUND_LOW, ROUND_SIGN = 0, 1, 2
 
 
 def _sign_sum(total: torch.Tensor) -> np.ndarray:
-    return np.array([int(torch.sign(total).sum(dtype=torch.int64))], dtype=np.int64)
+    """Σ sign(total), exactly: in fp32 every partial sum of at most 2²⁴ terms ±1, 0 is an
+    integer it represents (in any order); beyond, in int64 (slower)."""
+    signs = torch.sign(total)
+    s = signs.sum() if signs.numel() <= 2**24 else signs.sum(dtype=torch.int64)
+    return np.array([int(s)], dtype=np.int64)
 
 
 def _majority(sign_sum: int) -> float:
@@ -102,14 +106,17 @@ class Ties(Method):
             return {f"{g}/high": high_histograms(task_vectors(block).abs_().view(torch.int32))}
         c = ctx[g]
         if round == ROUND_LOW:                                      # bucket −1: keep all, count none
+            if not self._speculative:
+                return {f"{g}/low": low_histograms(task_vectors(block).abs_().view(torch.int32), c["bucket"])}
             tau = task_vectors(block)
-            out = {f"{g}/low": low_histograms(tau.abs().view(torch.int32), c["bucket"])}
-            if self._speculative:
-                # the guess: every entry of an expert's threshold bucket kept (its threshold
-                # is at least the bucket's smallest value), i.e. a threshold of bucket << 16
-                lower = [0.0 if b < 0 else bits_to_float(b << 16) for b in c["bucket"]]
-                _, total = self._trim_elect(block, {"threshold": lower}, tau=tau)
-                out[f"{g}/guess"] = _sign_sum(total)
+            mag = tau.abs()
+            out = {f"{g}/low": low_histograms(mag.view(torch.int32), c["bucket"])}
+            # the guess: every entry of an expert's threshold bucket kept (its threshold is at
+            # least the bucket's smallest value, bucket << 16), reusing |τ| for the trim
+            lower = [0.0 if b < 0 else bits_to_float(b << 16) for b in c["bucket"]]
+            thr = torch.tensor(lower, dtype=tau.dtype, device=tau.device).view(-1, *([1] * (tau.dim() - 1)))
+            total = weighted_sum(tau.mul_(mag.ge_(thr)), block.weights)
+            out[f"{g}/guess"] = _sign_sum(total)
             return out
         if round == ROUND_SIGN:
             _, total = self._trim_elect(block, c)
@@ -166,12 +173,9 @@ class Ties(Method):
         return ctx, stale
 
     # -- merge ----------------------------------------------------------------------------
-    def _trim_elect(self, block: Block, c: dict[str, Any], *,
-                    tau: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """τ̂ (trimmed task vectors) and the weighted sum that elects the sign. ``tau``: the
-        task vectors when the caller has them (overwritten)."""
-        if tau is None:
-            tau = task_vectors(block)                               # [T, rows, cols]
+    def _trim_elect(self, block: Block, c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """τ̂ (trimmed task vectors) and the weighted sum that elects the sign."""
+        tau = task_vectors(block)                                   # [T, rows, cols]
         thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device).view(-1, 1, 1)
         # τ · [|τ| ≥ thr]: a trimmed entry becomes ±0, which counts as 0 everywhere below.
         # The indicator as fp32 1/0 made in place: several times faster than a bool mask.
@@ -185,16 +189,34 @@ class Ties(Method):
         g = self.group(block.name)
         c = ctx[g]
         trimmed, total = self._trim_elect(block, c)
-        stats: Partial = {}
-        if self._speculative and c.get("guess") is not None:
-            zero = total == 0
-            nonzero = trimmed.ne(0).any(0)                          # before disjoint_mean overwrites
-            stats = {f"{g}/signs": _sign_sum(total),
-                     sensitive_key(g, c["majority"]): np.array(
-                         [int(nonzero.logical_and_(zero).sum(dtype=torch.int64))], dtype=np.int64)}
+        counted = self._speculative and c.get("guess") is not None
+        # positions the majority decides: Σ_t w_t τ̂_t = 0 while some τ̂_t ≠ 0
+        by_merged = counted and _decided_where_merged_nonzero(c["threshold"], block.weights)
+        decided = None
+        if counted and not by_merged:                               # max |τ̂_t| > 0, before
+            decided = trimmed.abs().amax(0).ne_(0)                  # trimmed is overwritten
         merged = disjoint_mean(trimmed, block.weights, majority=c["majority"], total=total)
+        stats: Partial = {}
+        if counted:
+            if by_merged:
+                decided = merged.ne(0)
+            n = int(torch.count_nonzero(decided.logical_and_(total == 0)))
+            stats = {f"{g}/signs": _sign_sum(total),
+                     sensitive_key(g, c["majority"]): np.array([n], dtype=np.int64)}
         out = block.base + merged * self.scale if self.scale != 1.0 else block.base + merged
         return out, stats
+
+
+def _decided_where_merged_nonzero(thresholds: list[float], weights: tuple[float, ...]) -> bool:
+    """Whether, where Σ_t w_t τ̂_t = 0, "some τ̂_t ≠ 0" is "the merged τ_m ≠ 0" (a test on one
+    [rows, cols] tensor instead of all T). It is when every weight is positive and every kept
+    |τ̂_t| (≥ its threshold) times any weight, over Σ w, is a normal float: then no product
+    w_t τ̂_t of a kept entry is 0, a zero sum of them needs both signs, so either majority has
+    an agreeing entry (den > 0), and num / den ≥ min w · min thr / Σ w is not 0. Entries all
+    zero give τ_m = 0. (Not so when an expert keeps everything: its threshold is 0.)"""
+    if not weights or min(weights) <= 0.0 or min(thresholds) <= 0.0:
+        return False
+    return min(weights) * min(thresholds) / math.fsum(weights) >= 2.0 ** -100
 
 
 @dataclass(frozen=True, kw_only=True)
