@@ -25,8 +25,9 @@ from distmerge.engine.executors import LocalExecutor, RayExecutor
 from distmerge.methods import build
 from distmerge.methods.base import disjoint_mean, weighted_sum
 from distmerge.methods.ties import ExactSignTies, Ties
+from distmerge.reduce import StatsAccumulator
 from tests.conftest import make_pipeline
-from tests.harness import merge_tensors
+from tests.harness import _blocks, merge_tensors
 
 BF16 = torch.bfloat16
 X, Y = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
@@ -132,9 +133,7 @@ def test_the_data_makes_the_guess_wrong_and_the_majority_matter():
     assert not torch.equal(true[X], wrong[X]) and torch.equal(true[Y], wrong[Y])
     ms = build("ties", {"density": 0.5, "scope": "model"})
     ctx: dict = {}
-    from tests.harness import _blocks
     for rnd in range(2):
-        from distmerge.reduce import StatsAccumulator
         acc = StatsAccumulator()
         for i, n in enumerate(sorted(base)):
             for blk in _blocks(n, base[n], [e[n] for e in experts], [1.0, 1.0], None):
@@ -235,8 +234,8 @@ def test_merge_statistics_are_the_brute_force_counts(monkeypatch, shortcut, dens
     _, stats = out["r"]
     tau = torch.stack([e.float() - base.float() for e in experts])
     n = tau[0].numel()
-    thr = [0.0 if int(density * n) == n else float(tau[t].abs().reshape(-1).kthvalue(n - int(density * n)).values)
-           for t in range(3)]
+    m = int(density * n)
+    thr = [0.0 if m == n else float(tau[t].abs().reshape(-1).kthvalue(n - m).values) for t in range(3)]
     trimmed = tau * (tau.abs() >= torch.tensor(thr).view(-1, 1, 1))
     total = weighted_sum(trimmed, weights)
     want = int(((total == 0) & (trimmed != 0).any(0)).sum())
