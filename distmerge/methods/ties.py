@@ -23,8 +23,9 @@ least one trimmed entry nonzero, under the majority +1/−1 the block was merged
 the merge pass the engine sums ``signs`` over all slices (:meth:`Ties.settle`) and merges
 again only the slices with sensitive positions merged under the wrong majority: the output
 bytes are those of a separate sign round, at 2 statistics passes (plus those slices) instead
-of 3. A ties wrapped by another method that calls its ``merge`` inside a statistics round
-(LiNeS) cannot be re-merged, so it keeps the third round (:meth:`Ties.unspeculative`).
+of 3. A ties used by another method that calls its ``merge`` inside a statistics round
+(LiNeS, frank_wolfe's initial merge) cannot be merged again, so it keeps the third round
+(:meth:`Ties.unspeculative`, :class:`ExactSignTies`).
 """
 
 from __future__ import annotations
