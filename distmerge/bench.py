@@ -283,6 +283,7 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
             shutil.rmtree(tmp, ignore_errors=True)
         runs.append({
             "wall_seconds": wall, "summary_seconds": summary.seconds, "passes": summary.passes,
+            "remerged_slices": summary.remerged_slices,     # ties: merged again (wrong sign guess)
             "bytes_read": summary.bytes_read, "bytes_written": summary.bytes_written,
             "stage_seconds": summary.stage_seconds, "worker_seconds": summary.worker_seconds,
             "worker_peak_rss": summary.worker_peak_rss,
@@ -301,6 +302,7 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
         "method": method,
         "spec": METHOD_SPECS.get(method, {"name": method}),
         "passes": last["passes"],
+        "remerged_slices": last["remerged_slices"],
         "slices": last["slices"],
         "wall_seconds": _spread(walls),
         "bytes_read": last["bytes_read"],

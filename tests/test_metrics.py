@@ -220,7 +220,7 @@ class BackgroundRun:
 
 def metrics_pipeline(tmp_path: Path, models, *, port: int, linger: float = 30.0,
                      name: str = RUN, slice_size: str = "1KB", **changes):
-    """A TIES (scope: model) pipeline: 3 statistics passes and the merge pass, many slices."""
+    """A TIES (scope: model) pipeline: 2 statistics passes and the merge pass, many slices."""
     path = make_pipeline(tmp_path, models, name=name,
                          resources={"workers": 1, "slice_size": slice_size},
                          metrics={"port": port, "host": "127.0.0.1", "linger_seconds": linger},
@@ -241,7 +241,7 @@ def test_prometheus_scrapes_a_running_merge_and_sees_it_reach_100_percent(tmp_pa
             mid = wait_for("a mid-run scrape", lambda: prom.scalar(
                 f'distmerge_progress_ratio{{{sel}}} > 0 < 1 '
                 f'and ignoring (state) distmerge_run_state{{{sel},state="running"}} == 1'))
-            assert 0.75 < mid < 1          # three statistics passes of four are done
+            assert 2 / 3 < mid < 1         # two statistics passes of three are done
             assert prom.scalar(f'distmerge_eta_seconds{{{sel}}}') > 0
             assert prom.scalar(f'distmerge_stage{{{sel},stage="merge"}}') == 1
         finally:
@@ -286,7 +286,7 @@ def test_metric_values_of_a_finished_run(tmp_path, tiny_models):
     # every distmerge series carries the run's name
     assert all(dict(ls).get("run") == RUN for (n, ls) in s if n.startswith("distmerge_"))
 
-    passes = ["stats1", "stats2", "stats3", "merge"]
+    passes = ["stats1", "stats2", "merge"]
     for p in passes:
         total = value(s, "distmerge_pass_slices", **{"pass": p})
         assert total and value(s, "distmerge_slices_done_total", **{"pass": p}) == total
@@ -324,7 +324,7 @@ def test_a_failed_run_says_failed(tmp_path, tiny_models):
     assert value(s, "distmerge_slice_failures_total", **{"pass": "merge"}) == 1
     assert value(s, "distmerge_slice_retries_total", **{"pass": "merge"}) == 0
     assert value(s, "distmerge_slices_done_total", **{"pass": "merge"}) == 3
-    assert 0.75 <= value(s, "distmerge_progress_ratio") < 1
+    assert 2 / 3 <= value(s, "distmerge_progress_ratio") < 1
     assert value(s, "distmerge_eta_seconds") is None           # unknown after a failure
     assert value(s, "distmerge_stage_duration_seconds", stage="merge") > 0
     assert not (tmp_path / "out").exists()

@@ -33,7 +33,7 @@ A run's state lives beside the destination, under the prefix
 folder, :mod:`distmerge.checkpoint.writer`): ``plan.json`` (the identity, and the upload id of
 every shard; written last when the run starts), ``stats.json`` (the reduced statistics after
 each round), and ``manifest-<time>.jsonl`` objects, each a batch of finished slices ``{"slice",
-"shard", "start", "stop", "crc32", "part", "etag"}`` (an object store has no append; the driver
+"shard", "start", "stop", "crc32", "part", "etag", "stats"}`` (an object store has no append; the driver
 writes a batch every :data:`MANIFEST_BATCH` slices or :data:`MANIFEST_SECONDS`, and at the end
 or on failure). A resumed run takes a recorded slice as finished only when ListParts still
 shows its part with the recorded ETag and the planned size (S3 checked the part's MD5 when it
@@ -62,6 +62,7 @@ from distmerge.checkpoint.writer import (
     MAX_STATE_BYTES,
     STAGING_FORMAT,
     STAGING_MARK,
+    manifest_stats,
     parse_stats_blob,
     side_files,
     stats_blob,
@@ -138,6 +139,7 @@ class ObjectStoreOutput:
         self.store = Store(storage, self.protocol)
         self.uploads: dict[int, str] = {}            # shard index -> upload id
         self.receipts: dict[int, dict] = {}           # slice index -> {"part", "etag", "size"}
+        self.recorded_stats: dict[int, dict[str, int]] = {}   # from recorded_slices
         self._plan: Plan | None = None
         self._pending: list[str] = []
         self._flushed = time.monotonic()
@@ -245,13 +247,15 @@ class ObjectStoreOutput:
             for si, sh in enumerate(plan.shards)))
 
     # -- the manifest of finished slices ------------------------------------------------------
-    def record(self, s: Slice, crc32: int, receipt: dict | None = None) -> None:
+    def record(self, s: Slice, crc32: int, receipt: dict | None = None, *,
+               stats: dict[str, int] | None = None) -> None:
         if not isinstance(receipt, dict) or "etag" not in receipt:
             raise MergeFailedError(f"slice {s.index}: its worker reported no uploaded part")
-        self.receipts[s.index] = receipt
+        self.receipts[s.index] = receipt          # a slice merged again: its new part's ETag
         self._pending.append(json.dumps({
             "slice": s.index, "shard": s.shard, "start": s.start, "stop": s.stop, "crc32": crc32,
-            "part": receipt["part"], "etag": receipt["etag"]}, separators=(",", ":")))
+            "part": receipt["part"], "etag": receipt["etag"], "stats": stats or {}},
+            separators=(",", ":")))
         if len(self._pending) >= MANIFEST_BATCH or time.monotonic() - self._flushed > MANIFEST_SECONDS:
             self._flush()
 
@@ -278,9 +282,11 @@ class ObjectStoreOutput:
                         raise ValueError(raw)
                     if not isinstance(rec["crc32"], int) or not isinstance(rec["etag"], str):
                         raise ValueError(raw)
+                    stats = manifest_stats(rec)
                 except (ValueError, KeyError, TypeError):
                     continue
                 out[i] = rec["crc32"]
+                self.recorded_stats[i] = stats
                 self._claimed[i] = {"part": rec["part"], "etag": rec["etag"]}
         return out
 

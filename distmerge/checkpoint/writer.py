@@ -18,8 +18,10 @@ digest is the sha256 of everything that decides the output bytes (see
   (so a refusal can say what changed); written last when the folder is created, so a folder
   without it holds no finished work.
 - ``manifest.jsonl``: one JSON line per finished merge slice, ``{"slice", "shard", "start",
-  "stop", "crc32"}`` (the crc32 its worker computed over the bytes it wrote), appended and
-  fdatasync'ed as each slice's report reaches the driver. A torn last line is ignored.
+  "stop", "crc32", "stats"}`` (the crc32 its worker computed over the bytes it wrote; the
+  slice's exact merge statistics, which say under which speculated context it was merged:
+  ``Method.merge_with_stats``), appended and fdatasync'ed as each slice's report reaches the
+  driver. A torn last line is ignored; a slice merged again appends a line, and the last wins.
 - ``stats.json``: after each statistics round, the reduced context (the only state carried
   between rounds) in a tagged, exact JSON encoding (:mod:`distmerge.checkpoint.state`; no pickle), with its
   sha256. A resumed run restarts the statistics at the first round not saved.
@@ -130,6 +132,7 @@ class StagedOutput:
         self.digest: str | None = None
         self.resumed = False                  # reopened an interrupted run's folder
         self._manifest_fd: int | None = None
+        self.recorded_stats: dict[int, dict[str, int]] = {}   # from recorded_slices
 
     def shard_path(self, filename: str) -> str:
         return os.path.join(self.staging, filename)
@@ -224,13 +227,15 @@ class StagedOutput:
         into :meth:`shard_path`."""
         return None
 
-    def record(self, s: Slice, crc32: int, receipt: dict | None = None) -> None:
+    def record(self, s: Slice, crc32: int, receipt: dict | None = None, *,
+               stats: dict[str, int] | None = None) -> None:
         """Append one finished merge slice to the manifest, durably (fdatasync). ``receipt``
-        (what the worker's sink returned; None for local files) is not needed here."""
+        (what the worker's sink returned; None for local files) is not needed here; ``stats``:
+        the slice's exact merge statistics."""
         if self._manifest_fd is None:
             return
         line = json.dumps({"slice": s.index, "shard": s.shard, "start": s.start, "stop": s.stop,
-                           "crc32": crc32}, separators=(",", ":")) + "\n"
+                           "crc32": crc32, "stats": stats or {}}, separators=(",", ":")) + "\n"
         os.write(self._manifest_fd, line.encode())
         getattr(os, "fdatasync", os.fsync)(self._manifest_fd)
 
@@ -251,6 +256,7 @@ class StagedOutput:
                     rec = json.loads(raw)
                     i, crc = rec["slice"], rec["crc32"]
                     s = plan.slices[i] if isinstance(i, int) and 0 <= i < len(plan.slices) else None
+                    stats = manifest_stats(rec)
                     if (s is None or not isinstance(crc, int) or not 0 <= crc < 2**32
                             or (rec["shard"], rec["start"], rec["stop"]) != (s.shard, s.start, s.stop)):
                         raise ValueError(raw)
@@ -258,6 +264,7 @@ class StagedOutput:
                     ignored += raw.strip() != b""
                     continue
                 out[i] = crc
+                self.recorded_stats[i] = stats
         if ignored:
             log.warning("%s: %d unreadable line(s) ignored (their slices are redone)", path, ignored)
         return out
@@ -438,6 +445,15 @@ def parse_stats_blob(data: bytes, digest: str, *, where: str) -> tuple[int, dict
 
 
 # -- finding staging folders, refusing them ------------------------------------------------------
+
+def manifest_stats(rec: dict) -> dict[str, int]:
+    """A manifest record's merge statistics (``{}`` when it has none)."""
+    stats = rec.get("stats", {})
+    if not isinstance(stats, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in stats.items()):
+        raise ValueError(f"bad merge statistics {stats!r}")
+    return stats
+
 
 def staging_place(dest: str, staging_root: str | None = None) -> tuple[str, str]:
     """(the folder that holds ``dest``'s staging folders, the name they start from): beside a

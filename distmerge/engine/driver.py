@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 import distmerge
 from distmerge.checkpoint.compat import check_compatible
 from distmerge.checkpoint.header import DTYPE_BY_NAME, DTYPE_SIZES
@@ -93,6 +95,7 @@ class Summary:
     resumed: bool = False
     resumed_slices: int = 0           # finished slices found, re-verified and skipped
     redone_slices: int = 0            # recorded slices whose bytes no longer matched
+    remerged_slices: int = 0          # merged again: a speculated context was wrong for them
     stats_rounds_restored: int = 0
     resume_seconds: float = 0.0       # the RESUME step: read the manifest, re-verify, restore
 
@@ -105,7 +108,8 @@ class Summary:
         return [
             f"merged checkpoint: {self.output}",
             f"  tensors {self.tensors} in {self.shards} shard(s), {self.slices} slices, "
-            f"{self.passes} pass(es) over the inputs, {self.retries} slice(s) retried",
+            f"{self.passes} pass(es) over the inputs, {self.retries} slice(s) retried, "
+            f"{self.remerged_slices} merged again (mispredicted majority sign)",
             f"  read {self.bytes_read / 1e9:.3f} GB, wrote {self.bytes_written / 1e9:.3f} GB "
             f"in {self.seconds:.2f} s ({self.read_gbps:.2f} GB/s read)",
             "  stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stage_seconds.items()),
@@ -269,6 +273,8 @@ class Run:
         self.ctx: dict[str, Any] = {}
         self.round = 0
         self.checksums: dict[int, int] = {}
+        self.merge_stats: dict[int, dict[str, int]] = {}    # slice -> its exact merge statistics
+        self.remerged_slices = 0
         self.bytes_read = 0
         self.bytes_written = 0
         self.peak_rss: dict[str, int] = {}
@@ -316,6 +322,7 @@ class Run:
             worker_seconds=dict(self.worker_seconds), retries=self.retries,
             resumed=self.output.resumed, resumed_slices=self.resumed_slices,
             redone_slices=self.redone_slices, stats_rounds_restored=self.stats_rounds_restored,
+            remerged_slices=self.remerged_slices,
             resume_seconds=self.events.stage_seconds.get(State.RESUME.value, 0.0),
         )
 
@@ -378,6 +385,8 @@ class Run:
         rounds = self.validated.methods.rounds
         good, bad = self.output.check_slices(self.plan, self._claimed)
         self.checksums.update(good)
+        recorded = getattr(self.output, "recorded_stats", {})
+        self.merge_stats.update({i: recorded.get(i, {}) for i in good})
         self.recorded = self.resumed_slices = len(good)
         self.redone_slices = len(bad)
         if bad:
@@ -459,21 +468,45 @@ class Run:
         return State.STATS if self.round < self.validated.methods.rounds else State.MERGE
 
     def _merge(self) -> State:
-        assert self.plan is not None and self.output is not None
+        assert self.plan is not None and self.output is not None and self.validated is not None
         tasks = [Task(slice=s, round=None) for s in self.plan.slices if s.index not in self.checksums]
+        self._merge_pass("merge", tasks)
+        # Settle what the context speculated (ties scope model: the majority sign) from the
+        # merge statistics of every slice; merge again the slices merged with a wrong value.
+        totals: dict[str, int] = {}
+        for stats in self.merge_stats.values():
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + v
+        arrays = {k: np.array([v], dtype=np.int64) for k, v in sorted(totals.items())}
+        stale: set[str] = set()
+        for m in self.validated.methods.all():
+            self.ctx, keys = m.settle(arrays, self.ctx)
+            stale |= keys
+        again = [Task(slice=s, round=None) for s in self.plan.slices
+                 if any(self.merge_stats.get(s.index, {}).get(k, 0) > 0 for k in stale)]
+        if again:
+            log.info("the speculated majority sign was wrong: %d of %d slice(s) merged again",
+                     len(again), len(self.plan.slices))
+            self._merge_pass("merge again", again)
+            self.remerged_slices += len(again)
+        return State.GATHER
+
+    def _merge_pass(self, label: str, tasks: list[Task]) -> None:
+        assert self.output is not None
 
         def on_report(task: Task, report: Report) -> None:
             if report.checksum is None:
                 raise MergeFailedError(f"slice {task.slice.index} reported no checksum")
+            stats = {k: int(v.sum()) for k, v in report.stats.items()}
+            self.recorded += task.slice.index not in self.checksums    # merged again: counted once
             self.checksums[task.slice.index] = report.checksum
-            self.output.record(task.slice, report.checksum, report.receipt)
-            self.recorded += 1
+            self.merge_stats[task.slice.index] = stats
+            self.output.record(task.slice, report.checksum, report.receipt, stats=stats)
             self._on_report(task, report)
 
-        self.events.pass_start("merge", len(tasks))
+        self.events.pass_start(label, len(tasks))
         self.executor.run(tasks, self.ctx, on_report, self._on_retry)
         self.events.pass_end()
-        return State.GATHER
 
     def _gather(self) -> State:
         assert self.plan is not None and self.output is not None and self.validated is not None

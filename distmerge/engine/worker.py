@@ -65,6 +65,7 @@ class Report:
     round: int | None
     partial: dict[str, np.ndarray] = field(default_factory=dict)   # float statistics only
     checksum: int | None = None
+    stats: dict[str, np.ndarray] = field(default_factory=dict)     # merge pass: exact ints
     receipt: dict | None = None           # what the sink returned for the slice's write
     bytes_read: int = 0
     bytes_written: int = 0
@@ -248,7 +249,9 @@ class SliceWorker:
                         else:
                             _add(partial, {key: arr})
                     continue
-                merged = method.merge(block, ctx).to(TORCH_DTYPES[tp.out_dtype]).reshape(-1)
+                merged, mstats = method.merge_with_stats(block, ctx)
+                _add(rep.stats, mstats)
+                merged = merged.to(TORCH_DTYPES[tp.out_dtype]).reshape(-1)
                 at = tp.start + g0 * row_bytes - s.start
                 n = merged.numel() * merged.element_size()
                 out[at:at + n].copy_(merged.view(torch.uint8), non_blocking=cuda)

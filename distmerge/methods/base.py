@@ -7,7 +7,13 @@ The protocol (stats → reduce → merge), which the engine runs for every metho
    them over all slices (:class:`distmerge.reduce.StatsAccumulator`: integers exactly, floats in
    fp64 in slice order) and calls ``method.reduce(round, totals, ctx)``, which returns the
    context for the next round.
-2. ``method.merge(block, ctx)`` returns the merged fp32 block.
+2. ``method.merge(block, ctx)`` returns the merged fp32 block. The engine calls it through
+   ``method.merge_with_stats(block, ctx)``, which also returns exact integer statistics of the
+   block (numpy int64 arrays keyed ``"<group>/<kind>"``, empty for most methods). A method that
+   speculates part of its context (ties ``scope: model``: its majority sign) gets them summed
+   over every slice in ``method.settle(totals, ctx)``, which returns the final context and the
+   statistics keys marking a slice merged with a wrong one; the engine merges those slices
+   again with the final context.
 
 ``ctx`` is a small picklable dict built only by ``reduce``; a method that needs no statistics
 (locality E) has ``rounds == 0`` and sees an empty ctx. Statistics are keyed by ``group``: one
@@ -74,6 +80,21 @@ class Method:
 
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
+
+    def merge_with_stats(self, block: Block, ctx: dict[str, Any]) -> tuple[torch.Tensor, Partial]:
+        """``merge`` and the block's exact integer merge statistics (none by default)."""
+        return self.merge(block, ctx), {}
+
+    def settle(self, totals: Partial, ctx: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        """After the merge pass, with ``merge_with_stats``'s statistics summed over all slices:
+        the final context and the keys whose nonzero value in a slice's statistics means the
+        slice was merged with a context that differs from it where it matters (redo it)."""
+        return ctx, set()
+
+    def unspeculative(self) -> "Method":
+        """This method with nothing speculated, for a wrapper calling ``merge`` where it cannot
+        be redone (inside its own statistics round)."""
+        return self
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -214,8 +214,10 @@ class FrankWolfe(Method):
         return GROUP
 
     def _ties(self) -> Ties:
-        """The initial merge of the pool (init: merge, local_merge: ties): TIES, model scope."""
-        return Ties(density=self.density, scope="model", scale=self.scale)
+        """The initial merge of the pool (init: merge, local_merge: ties): TIES, model scope,
+        with its sign round (init_sign): its merge runs inside statistics rounds, where a
+        speculated majority could not be merged again."""
+        return Ties(density=self.density, scope="model", scale=self.scale).unspeculative()
 
     # -- statistics --------------------------------------------------------------------------
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:

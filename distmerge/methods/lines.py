@@ -161,6 +161,7 @@ def wrap(inner: Method, spec: Any, where: str = "method.lines") -> Lines:
     if inner.name not in TASK_VECTOR_METHODS:
         raise ConfigError(f"{where}: lines rescales a merged task vector and {inner.name} does not "
                           f"merge task vectors; use it with one of {', '.join(sorted(TASK_VECTOR_METHODS))}")
+    inner = inner.unspeculative()           # its merge runs in a statistics round: no redo there
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be a mapping such as {{beta: 0.5}} ({{}} for the defaults), "
                           f"got {spec!r}")
