@@ -120,7 +120,7 @@ def slice_elements_for(memory_per_worker: int, *, n_models: int, in_itemsize: in
     Raises:
         ConfigError: the memory cannot hold even a minimal slice.
     """
-    per_element = 2 * n_models * in_itemsize + n_models * 4 + 2 * (n_models - 1) * 4 + 16
+    per_element = _per_element(n_models, in_itemsize)
     usable = memory_per_worker - WORKER_OVERHEAD_BYTES
     elements = min(usable // per_element, MAX_SLICE_ELEMENTS) if usable > 0 else 0
     if elements < MIN_SLICE_ELEMENTS:
@@ -130,6 +130,22 @@ def slice_elements_for(memory_per_worker: int, *, n_models: int, in_itemsize: in
             f"{n_models} models; give each worker at least {need} bytes"
         )
     return int(elements)
+
+
+def _per_element(n_models: int, in_itemsize: int) -> int:
+    return 2 * n_models * in_itemsize + n_models * 4 + 2 * (n_models - 1) * 4 + 16
+
+
+def resident_bytes_for(memory_per_worker: int, *, n_models: int, in_itemsize: int,
+                       slice_elements: int) -> int:
+    """What a worker may keep of its slices' input bytes between passes: its memory less what
+    slices of ``slice_elements`` elements need while they are merged (the sizing
+    :func:`slice_elements_for` uses) and the process's own overhead. 0 when no memory is
+    given (no bound to keep within)."""
+    if memory_per_worker <= 0:
+        return 0
+    working = WORKER_OVERHEAD_BYTES + slice_elements * _per_element(n_models, in_itemsize)
+    return max(0, memory_per_worker - working)
 
 
 def _shard_names(n: int) -> list[str]:

@@ -454,3 +454,19 @@ def test_hub_limits_and_tokens_are_checked_before_work(tmp_path, hub, hf_env, ti
         run_pipeline(load_pipeline(_hub_pipeline(tmp_path / "c", hub, tiny_models, "hf://org/x")),
                      executor="local", show_progress=False)
     assert "org/big" not in hub.repos and "org/x" not in hub.repos
+
+
+def test_s3_inputs_are_read_once_by_a_three_pass_merge(tmp_path, s3, s3_models, creds, monkeypatch):
+    """Models behind URLs stay in the worker between passes: ties (2 statistics passes and the
+    merge) reads each input byte from the server once; a run that keeps nothing reads it 3 times,
+    to the same bytes."""
+    from distmerge.engine.driver import Run
+
+    ties = {"name": "ties", "density": 0.3, "scope": "model"}
+    kept = run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "a", s3, s3_models, str(tmp_path / "a" / "out"),
+                                                   method=ties)), executor="local", show_progress=False)
+    monkeypatch.setattr(Run, "_resident_bytes", lambda self: 0)
+    read = run_pipeline(load_pipeline(_s3_pipeline(tmp_path / "b", s3, s3_models, str(tmp_path / "b" / "out"),
+                                                   method=ties)), executor="local", show_progress=False)
+    assert read.bytes_read == 3 * kept.bytes_read
+    assert sha256_tree(tmp_path / "a" / "out") == sha256_tree(tmp_path / "b" / "out")

@@ -120,14 +120,18 @@ class RangeReader:
                 fut.cancel()
             raise
 
-    def read_rows(self, slot: int, url: str, info: TensorInfo, row_start: int, row_stop: int) -> torch.Tensor:
+    def read_rows(self, slot: int, url: str, info: TensorInfo, row_start: int, row_stop: int,
+                  *, keep: bool = False) -> torch.Tensor:
         """Rows ``[row_start, row_stop)`` of a tensor as a ``[rows, cols]`` tensor of its own dtype
         (a 1-D or 0-D tensor as one row), viewing a reused buffer: valid until the next read
-        into the same ``slot``."""
+        into the same ``slot``; with ``keep``, in a buffer of its own that stays valid."""
         row_bytes = info.row_bytes
         start = info.start + row_start * row_bytes
         nbytes = (row_stop - row_start) * row_bytes
-        buf = self._buffer(slot, nbytes)
+        if keep:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pin)[:nbytes]
+        else:
+            buf = self._buffer(slot, nbytes)
         if nbytes:
             self.read_range(url, start, start + nbytes, buf)
         dtype = TORCH_DTYPES[info.dtype]

@@ -20,6 +20,9 @@ from distmerge.engine.worker import Job, Report, SliceWorker, Task
 
 log = logging.getLogger(__name__)
 
+# How far into the queue an actor looks for a slice of its own (see RayExecutor.run).
+HOME_WINDOW = 64
+
 OnReport = Callable[[Task, Report], None]
 OnRetry = Callable[[Task, BaseException], None]
 Counts = dict[str, np.ndarray]
@@ -147,6 +150,18 @@ class RayExecutor:
             next_actor = (choice + 1) % len(self.actors)
             return choice
 
+        def take_for(i: int) -> tuple[Task, int, int]:
+            """Remove from the queue, among its first HOME_WINDOW entries, one whose slice lives
+            on actor ``i`` (slice index mod actors: the same actor in every pass, so a worker
+            finds the inputs it kept resident) and that does not avoid ``i``; else the first."""
+            for k in range(min(HOME_WINDOW, len(queue))):
+                t, _, avoid = queue[k]
+                if t.slice.index % len(self.actors) == i and avoid != i:
+                    entry = queue[k]
+                    del queue[k]
+                    return entry
+            return queue.popleft()
+
         def redo(task: Task, i: int, err: BaseException) -> None:
             queue.append((task, 0, i))
             if on_retry is not None:
@@ -163,11 +178,10 @@ class RayExecutor:
         while queue or running:
             while queue or running:
                 while queue:
-                    task, attempts, avoid = queue[0]
-                    i = pick(avoid)
+                    i = pick(queue[0][2])
                     if i < 0:
                         break
-                    queue.popleft()
+                    task, attempts, avoid = take_for(i)
                     ref = self.actors[i].process.remote(task, ctx_ref)
                     running[ref] = (task, attempts, i, generation[i])
                     load[i] += 1

@@ -51,6 +51,10 @@ class Job:
     allow_nonfinite: bool = False
     storage: StorageConfig | None = None  # how to open source URLs: env var NAMES, no secrets
     sink: SinkSpec | None = None          # how merge slices are written (None: ShardWriter)
+    # Input bytes a worker may keep between passes, of the sources listed (base and experts
+    # behind URLs; never a source rewritten between passes). 0: read every pass.
+    resident_bytes: int = 0
+    resident_sources: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,6 +114,8 @@ class SliceWorker:
         self._readers: list[RangeReader] = []
         self._lock = threading.Lock()
         self._counts: dict[str, np.ndarray] = {}
+        self._resident: dict[tuple[int, str, int, int], torch.Tensor] = {}
+        self._resident_used = 0
 
     @property
     def reader(self) -> RangeReader:
@@ -121,6 +127,7 @@ class SliceWorker:
         return reader
 
     def close(self) -> None:
+        self._resident.clear()
         self.pool.shutdown()
         for reader in self._readers:
             reader.close()
@@ -149,10 +156,31 @@ class SliceWorker:
         if uploaded is not None:          # the last block's copies to the GPU left the buffers
             uploaded.synchronize()
 
-        def one(i: int) -> torch.Tensor:
+        def one(i: int) -> tuple[torch.Tensor, int]:
             url, info = self.job.sources[i][tensor]
-            return reader.read_rows(i, url, info, r0, r1)
-        return list(self.pool.map(one, range(len(self.job.sources))))
+            key = (i, tensor, r0, r1)
+            kept = self._resident.get(key)
+            if kept is not None:
+                return kept, 0
+            keep = i in self.job.resident_sources and self._reserve((r1 - r0) * info.row_bytes)
+            rows = reader.read_rows(i, url, info, r0, r1, keep=keep)
+            if keep:
+                self._resident[key] = rows
+            return rows, rows.numel() * rows.element_size()
+        got = list(self.pool.map(one, range(len(self.job.sources))))
+        self._local.bytes_read = sum(n for _, n in got)
+        return [rows for rows, _ in got]
+
+    def _reserve(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more input bytes may be kept resident (and count them if so).
+        Kept blocks let the later passes of a multi-pass method (statistics rounds, then the
+        merge) read this worker's slices from memory instead of storage; a slice that comes
+        back to another worker is read there, so this changes no output byte."""
+        with self._lock:
+            if self._resident_used + nbytes > self.job.resident_bytes:
+                return False
+            self._resident_used += nbytes
+            return True
 
     def _upload(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
         """The blocks on the worker's device, in their stored dtype. To a GPU: asynchronous
@@ -212,7 +240,7 @@ class SliceWorker:
                 continue
             t0 = time.perf_counter()
             raws = self._read(piece.tensor, piece.row_start, piece.row_stop)
-            rep.bytes_read += sum(r.numel() * r.element_size() for r in raws)
+            rep.bytes_read += self._local.bytes_read                    # from storage, not kept
             t1 = time.perf_counter()
             t_read += t1 - t0
             row_bytes = (tp.stop - tp.start) // tp.rows if tp.rows else 0
