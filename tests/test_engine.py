@@ -154,3 +154,31 @@ def test_verification_refuses_a_staged_shard_that_differs_from_the_plan(tmp_path
     with pytest.raises(MergeFailedError, match="bytes, planned"):
         out.check_shards(plan)
     out.abort()
+
+
+def test_the_local_executor_keeps_two_slices_in_flight_and_reports_on_the_calling_thread():
+    """Two slices run at once (as on an actor with max_concurrency 2): a barrier that needs
+    both passes; every report reaches ``on_report`` on the thread that called ``run``."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from distmerge.engine.executors import LocalExecutor
+
+    both = threading.Barrier(2, timeout=20)
+
+    class Worker:
+        def process(self, task, ctx):
+            both.wait()                          # breaks (and raises) unless 2 are in flight
+            return task.slice.index
+
+        def drain(self):
+            return {}
+
+    ex = LocalExecutor(in_flight=2)
+    ex.worker, ex.pool = Worker(), ThreadPoolExecutor(2)
+    caller, seen = threading.get_ident(), []
+    tasks = [SimpleNamespace(slice=SimpleNamespace(index=i)) for i in range(6)]
+    ex.run(tasks, {}, lambda task, rep: seen.append((rep, threading.get_ident())))
+    ex.pool.shutdown()
+    assert sorted(r for r, _ in seen) == list(range(6)) and {t for _, t in seen} == {caller}

@@ -171,13 +171,18 @@ def validate(pipeline: Pipeline, *, events: RunEvents | None = None) -> Validate
     return Validated(base=models[0], experts=models[1:], methods=methods)
 
 
+def input_itemsize(validated: Validated) -> int:
+    """Bytes per element of the widest input dtype (what sizes a worker's buffers)."""
+    return max((DTYPE_SIZES[info.dtype] for _, info in validated.base.tensors.values()), default=4)
+
+
 def plan_for(pipeline: Pipeline, validated: Validated) -> Plan:
     tensors = [(n, info.dtype, info.shape) for n, (_, info) in validated.base.tensors.items()]
     n_models = 1 + len(validated.experts)
     if pipeline.resources.slice_size is not None:
         elements = max(1, pipeline.resources.slice_size // 4)
     else:
-        itemsize = max((DTYPE_SIZES[d] for _, d, _ in tensors), default=4)
+        itemsize = input_itemsize(validated)
         elements = slice_elements_for(pipeline.resources.memory_per_worker,
                                       n_models=n_models, in_itemsize=itemsize)
     out = DTYPE_BY_NAME[pipeline.output.dtype] if pipeline.output.dtype else None
@@ -395,9 +400,8 @@ class Run:
         if self.validated.methods.rounds == 0:
             return 0
         v = self.validated
-        itemsize = max((DTYPE_SIZES[info.dtype] for _, info in v.base.tensors.values()), default=4)
         return resident_bytes_for(self.pipeline.resources.memory_per_worker,
-                                  n_models=1 + len(v.experts), in_itemsize=itemsize,
+                                  n_models=1 + len(v.experts), in_itemsize=input_itemsize(v),
                                   slice_elements=self.plan.slice_elements)
 
     def _resume(self) -> State:

@@ -150,7 +150,9 @@ class SliceWorker:
             fp32 = self._local.fp32 = torch.empty(elements, dtype=torch.float32, device=self.device)
         return fp32[:elements]
 
-    def _read(self, tensor: str, r0: int, r1: int) -> list[torch.Tensor]:
+    def _read(self, tensor: str, r0: int, r1: int) -> tuple[list[torch.Tensor], int]:
+        """Rows ``r0..r1`` of ``tensor`` in every source, and how many bytes of them came from
+        storage (not from blocks kept in memory)."""
         reader = self.reader              # this slice's thread's buffers, one slot per model
         uploaded = getattr(self._local, "uploaded", None)
         if uploaded is not None:          # the last block's copies to the GPU left the buffers
@@ -168,8 +170,7 @@ class SliceWorker:
                 self._resident[key] = rows
             return rows, rows.numel() * rows.element_size()
         got = list(self.pool.map(one, range(len(self.job.sources))))
-        self._local.bytes_read = sum(n for _, n in got)
-        return [rows for rows, _ in got]
+        return [rows for rows, _ in got], sum(n for _, n in got)
 
     def _reserve(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more input bytes may be kept resident (and count them if so).
@@ -239,8 +240,8 @@ class SliceWorker:
             if task.round is not None and (not tp.merged or task.round >= method.rounds):
                 continue
             t0 = time.perf_counter()
-            raws = self._read(piece.tensor, piece.row_start, piece.row_stop)
-            rep.bytes_read += self._local.bytes_read                    # from storage, not kept
+            raws, from_storage = self._read(piece.tensor, piece.row_start, piece.row_stop)
+            rep.bytes_read += from_storage
             t1 = time.perf_counter()
             t_read += t1 - t0
             row_bytes = (tp.stop - tp.start) // tp.rows if tp.rows else 0
