@@ -410,3 +410,24 @@ def test_good_scoring_parameters_pass():
     ties = build("frank_wolfe", {"local_merge": "ties", "objective": _data_obj(scoring="auto")}).default
     assert ties.can_sketch() is not None                                            # auto: always exact
     assert isinstance(sketch_pool("w", 0, torch.zeros(1, 3), torch.ones(2, 1, 3), 2), PoolSketch)
+
+
+def test_a_crash_between_sketched_iterations_resumes_to_the_same_trace_and_bytes(tmp_path, mlp):
+    """The resumed run holds no sketch: its first round reads the pool and sketches it again."""
+    from tests.test_resume import Crash, CrashesAfter
+
+    models, tasks = mlp
+    spec = _spec(tasks, "sketch")
+    _, straight, h_straight = _run(tmp_path / "straight", models, spec, slice_size="64B")
+    root = tmp_path / "resumed"
+    pipe = make_pipeline(root, models, method=spec, output={"path": str(root / "out")},
+                         resources={"slice_size": "64B", "workers": 1, "memory_per_worker": "2GB"})
+    with pytest.raises(Crash):
+        run_pipeline(load_pipeline(pipe), executor=CrashesAfter(1, 2), show_progress=False)
+    s = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
+    assert s.stats_rounds_restored == 2
+    resumed = _trace(root)
+    assert resumed["iterations"] == straight["iterations"] and sha256_tree(root / "out") == h_straight
+    pool = sum(_float_bytes(m) for m in models)
+    grad = _float_bytes(models[0], itemsize=4)
+    assert resumed["stats_pass_bytes_read"] == [pool + grad, grad]                  # this process's rounds 2, 3
