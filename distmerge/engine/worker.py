@@ -6,6 +6,12 @@ parallel into reused buffers, converts them to fp32 on its device (CUDA when the
 GPU), runs the method's ``stats`` or ``merge``, casts to the output dtype and, in the merge
 pass, writes the slice's bytes at their planned offset in one positional write. It returns a
 small :class:`Report`; tensors never leave the worker.
+
+Between passes a worker may keep, within ``Job.resident_bytes``, its blocks of inputs behind
+URLs and the derivatives a method asks it to keep (``Method.derivative``: e.g. frank_wolfe's
+sketches of the pool); a later round that can work from a kept derivative reads only the
+sources after the experts. Either way the values computed are the same, so where a slice runs
+changes no output byte.
 """
 
 from __future__ import annotations

@@ -20,7 +20,11 @@ How it runs in the engine's protocol (stats → reduce → merge):
   gradient stage (:mod:`distmerge.select.gradient`) writes ∇f(θ^t) as a checkpoint in the base's
   layout, which the workers read as one more source (the block's last "expert"); each slice
   returns exact ⟨∇f, θ₀⟩, ⟨∇f, τ_j⟩, ‖∇f‖², ‖θ_j‖² per tensor, and ``reduce`` makes one step.
-  Each iteration reads the pool once more (bytes logged per iteration).
+  Each iteration reads the pool once more (bytes logged per iteration), unless the run's
+  ``objective.scoring`` resolves to ``sketch`` (:mod:`distmerge.select.sketch`): the exact
+  first score round also keeps a row-wise CountSketch of [θ₀, τ_1..τ_n] in the workers
+  (``Method.derivative`` "keep"), and later rounds score from it and the gradient alone ("use"),
+  returning the variance bounds the trace turns into σ per candidate.
 
 - ``local_merge: ties`` — the model is no longer a combination of the pool: θ^{t+1} =
   θ^t + scale·γ_t · trim(θ_pick − θ^t), the trim keeping the entries of |θ_pick − θ^t| at or
@@ -53,7 +57,7 @@ from distmerge.reduce import abs_bits, bits_to_float, exact_value, histogram16, 
 from distmerge.select.frank_wolfe import GroupScores, Params, fw_pick, fw_step, initial_coefficients
 from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
 from distmerge.select.objectives import DataFree, data_free_at, scores_from_products
-from distmerge.select.sketch import DEFAULT_RATIO, SCORING, sketch_pool, sketched_products, uncertainty
+from distmerge.select.sketch import DEFAULT_RATIO, check_scoring, sketch_pool, sketched_products, uncertainty
 
 GROUP = "frank_wolfe"
 LOSSES = ("cross_entropy", "entropy")
@@ -70,10 +74,7 @@ def check_objective(obj: Any) -> None:
         raise ValueError("objective: must be a mapping with kind: data_free or kind: data")
     kind = obj.get("kind")
     if kind == "data_free":
-        for key in ("scoring", "sketch_ratio"):
-            if key in obj:
-                raise ValueError(f"objective.{key}: only for kind: data (the data-free objective reads "
-                                 "the pool once, whatever the number of iterations: nothing to sketch)")
+        check_scoring(obj)
         unknown = set(obj) - {"kind", "targets"}
         if unknown:
             raise ValueError(f"objective.{sorted(unknown)[0]}: unknown key of a data_free objective "
@@ -95,14 +96,7 @@ def check_objective(obj: Any) -> None:
         if unknown:
             raise ValueError(f"objective.{sorted(unknown)[0]}: unknown key of a data objective "
                              "(known: kind, model, tasks, batch_size, gradient, scoring, sketch_ratio)")
-        if obj.get("scoring", "auto") not in SCORING:
-            raise ValueError(f"objective.scoring: must be one of {' | '.join(SCORING)} (how iterations after "
-                             f"the first score the pool: auto, re-read it, a kept sketch), got "
-                             f"{obj.get('scoring')!r}")
-        ratio = obj.get("sketch_ratio", DEFAULT_RATIO)
-        if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 2:
-            raise ValueError(f"objective.sketch_ratio: must be an integer ≥ 2 (columns per sketch "
-                             f"bucket), got {ratio!r}")
+        check_scoring(obj)
         if obj.get("gradient", "auto") not in GRADIENT_MODES:
             raise ValueError(f"objective.gradient: must be one of {' | '.join(GRADIENT_MODES)} (where "
                              f"∇f is computed: auto, the driver, FSDP ranks), got {obj.get('gradient')!r}")

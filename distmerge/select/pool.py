@@ -315,4 +315,5 @@ def _sketch_summary(r: dict[str, Any]) -> str:
         return "one candidate"
     j = int(np.argmin(r["scores"]))
     return (f"margin to the runner-up {r['margin']:.4g}, σ of the pick's score {r['sigma'][j]:.3g}: "
-            + ("certain (margin ≥ 3σ of the difference)" if r["certain"] else "NOT certain (margin < 3σ of the difference)"))
+            + ("certain (margin ≥ 3σ of the difference)" if r["certain"]
+               else "NOT certain (margin < 3σ of the difference)"))

@@ -44,6 +44,25 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
+def check_scoring(obj: dict[str, Any]) -> None:
+    """Raise ValueError("objective.<key>: reason") for a bad ``scoring`` or ``sketch_ratio`` of
+    an objective block (only the data objective takes them)."""
+    if obj.get("kind") != "data":
+        for key in ("scoring", "sketch_ratio"):
+            if key in obj:
+                raise ValueError(f"objective.{key}: only for kind: data (the data-free objective reads "
+                                 "the pool once, whatever the number of iterations: nothing to sketch)")
+        return
+    if obj.get("scoring", "auto") not in SCORING:
+        raise ValueError(f"objective.scoring: must be one of {' | '.join(SCORING)} (how iterations after "
+                         f"the first score the pool: auto, re-read it, a kept sketch), got "
+                         f"{obj.get('scoring')!r}")
+    ratio = obj.get("sketch_ratio", DEFAULT_RATIO)
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 2:
+        raise ValueError(f"objective.sketch_ratio: must be an integer ≥ 2 (columns per sketch "
+                         f"bucket), got {ratio!r}")
+
+
 def buckets(cols: int, ratio: int) -> int:
     """q = ceil(cols / ratio), at least 1."""
     return max(1, -(-cols // ratio))
