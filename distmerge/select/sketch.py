@@ -94,14 +94,15 @@ def bucket_sign(tensor: str, cols: int, q: int, r0: int, r1: int) -> tuple[np.nd
 
 
 def sketch_rows(x: np.ndarray, h: np.ndarray, s: np.ndarray, q: int) -> np.ndarray:
-    """(S x_i)_r for every vector i and row r: one ``np.bincount`` over the block flattened
-    row-major (key i·rows·q + r·q + h), so within a bucket the terms are added in column order.
+    """(S x_i)_r for every vector i and row r: per vector one ``np.bincount`` over the block
+    flattened row-major (key r·q + h), so within a bucket the terms are added in column order.
     x fp64 [m, rows, cols] → fp64 [m, rows, q]"""
     m, rows, cols = x.shape
     key = (np.arange(rows, dtype=np.int64)[:, None] * q + h).reshape(-1)          # [rows·cols]
-    keys = (np.arange(m, dtype=np.int64)[:, None] * (rows * q) + key[None, :]).reshape(-1)
-    w = (x * s[None]).reshape(-1)                                                   # sign flips: exact
-    return np.bincount(keys, weights=w, minlength=m * rows * q).reshape(m, rows, q)
+    out = np.empty((m, rows, q))
+    for i in range(m):                                     # one vector at a time: less memory
+        out[i] = np.bincount(key, weights=(x[i] * s).reshape(-1), minlength=rows * q).reshape(rows, q)
+    return out
 
 
 def _f64(t: torch.Tensor) -> np.ndarray:
