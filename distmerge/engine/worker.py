@@ -264,7 +264,7 @@ class SliceWorker:
                 if (task.round or 0) == 0 and (task.round is not None or method.rounds == 0):
                     self._check_finite(piece.tensor, g0, g1, base, experts)  # first read only
                 block = Block(name=piece.tensor, base=base, experts=experts,
-                              weights=self.job.weights, row_start=g0)
+                              weights=self.job.weights, row_start=g0, scratch=True)
                 if task.round is not None:
                     for key, arr in method.stats(task.round, block, ctx).items():
                         if is_exact(arr):
