@@ -299,7 +299,7 @@ class SliceWorker:
                     if (task.round or 0) == 0 and (task.round is not None or method.rounds == 0):
                         self._check_finite(piece.tensor, g0, g1, base, experts)  # first read only
                     block = Block(name=piece.tensor, base=base, experts=experts,
-                                  weights=self.job.weights, row_start=g0)
+                                  weights=self.job.weights, row_start=g0, scratch=True)
                     if mode == "use":                                       # not kept here: derive again
                         derived = self._derived.get(kept)
                         if derived is None:
@@ -308,9 +308,9 @@ class SliceWorker:
                         part = method.stats_derived(task.round, derived, fp32[n_pool:],
                                                     name=piece.tensor, row_start=g0, ctx=ctx)
                     elif task.round is not None:
+                        if mode == "keep" and kept not in self._derived:      # before stats: a
+                            self._keep_derived(kept, method.derive(block, ctx))  # scratch block may change
                         part = method.stats(task.round, block, ctx)
-                        if mode == "keep" and kept not in self._derived:
-                            self._keep_derived(kept, method.derive(block, ctx))
                 if task.round is not None:
                     for key, arr in part.items():
                         if is_exact(arr):

@@ -40,6 +40,9 @@ class Block:
     experts: torch.Tensor     # [T, rows, cols] fp32
     weights: tuple[float, ...]  # [T]
     row_start: int
+    # True when ``experts`` is the caller's scratch copy, which the method may overwrite (the
+    # worker's per-chunk fp32 workspace); see :func:`task_vectors_`.
+    scratch: bool = False
 
     @property
     def n_experts(self) -> int:
@@ -147,6 +150,16 @@ def divide_(x: torch.Tensor, d: float) -> torch.Tensor:
 def task_vectors(block: Block) -> torch.Tensor:
     """τ_t = θ_t − θ₀.  [T, rows, cols]"""
     return block.experts - block.base.unsqueeze(0)
+
+
+def task_vectors_(block: Block) -> torch.Tensor:
+    """τ_t = θ_t − θ₀ like :func:`task_vectors` (the same values), computed in place into
+    ``block.experts`` when the block is a scratch copy: no [T, rows, cols] allocation and one
+    memory stream fewer (measured 2x faster for 2M floats). Call it at most once per block,
+    and read nothing from ``block.experts`` after it.  [T, rows, cols]"""
+    if block.scratch:
+        return block.experts.sub_(block.base.unsqueeze(0))
+    return task_vectors(block)
 
 
 def disjoint_mean(trimmed: torch.Tensor, weights: tuple[float, ...], *, majority: float = 1.0,

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from distmerge.methods.base import Block, Method, task_vectors, weighted_sum
+from distmerge.methods.base import Block, Method, task_vectors_, weighted_sum
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,6 +24,6 @@ class TaskArithmetic(Method):
             raise ValueError("scale: must be a finite number")
 
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
-        tau = task_vectors(block)                       # [T, rows, cols]
+        tau = task_vectors_(block)                      # [T, rows, cols]
         merged = weighted_sum(tau, block.weights)       # [rows, cols]
         return block.base + merged * self.scale

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from distmerge.methods.base import Block, Method, Partial, disjoint_mean, task_vectors, weighted_sum
+from distmerge.methods.base import Block, Method, Partial, disjoint_mean, task_vectors_, weighted_sum
 from distmerge.reduce import bits_to_float, high_histograms, low_histograms, select_bucket
 
 ROUND_HIGH, ROUND_LOW, ROUND_SIGN = 0, 1, 2
@@ -104,12 +104,12 @@ class Ties(Method):
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:
         g = self.group(block.name)
         if round == ROUND_HIGH:
-            return {f"{g}/high": high_histograms(task_vectors(block).abs_().view(torch.int32))}
+            return {f"{g}/high": high_histograms(task_vectors_(block).abs_().view(torch.int32))}
         c = ctx[g]
         if round == ROUND_LOW:                                      # bucket −1: keep all, count none
             if not self._speculative:
-                return {f"{g}/low": low_histograms(task_vectors(block).abs_().view(torch.int32), c["bucket"])}
-            tau = task_vectors(block)
+                return {f"{g}/low": low_histograms(task_vectors_(block).abs_().view(torch.int32), c["bucket"])}
+            tau = task_vectors_(block)
             mag = tau.abs()
             out = {f"{g}/low": low_histograms(mag.view(torch.int32), c["bucket"])}
             # the guess: every entry of an expert's threshold bucket kept (its threshold is at
@@ -176,7 +176,7 @@ class Ties(Method):
     # -- merge ----------------------------------------------------------------------------
     def _trim_elect(self, block: Block, c: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """τ̂ (trimmed task vectors) and the weighted sum that elects the sign."""
-        tau = task_vectors(block)                                   # [T, rows, cols]
+        tau = task_vectors_(block)                                  # [T, rows, cols]
         thr = torch.tensor(c["threshold"], dtype=tau.dtype, device=tau.device).view(-1, 1, 1)
         # τ · [|τ| ≥ thr]: a trimmed entry becomes ±0, which counts as 0 everywhere below.
         # The indicator as fp32 1/0 made in place: several times faster than a bool mask.
