@@ -201,6 +201,12 @@ def test_sketched_trace_is_slice_invariant_local_vs_ray(ray_session, tmp_path, m
     assert ha == hb
     assert [r["scoring"] for r in a["iterations"]] == ["exact", "sketch", "sketch", "sketch"]
     assert all(isinstance(r["sigma"], dict) for r in a["iterations"][1:])
+    pool = sum(_float_bytes(m) for m in models)
+    grad = _float_bytes(models[0], itemsize=4)
+    # each slice's home actor kept its sketch; a slice another actor took is read there again
+    # (observed: 468, 212, 212 bytes for a 848-byte pool and a 212-byte gradient)
+    later = b["stats_pass_bytes_read"][1:]
+    assert all(grad <= x < grad + pool for x in later) and sum(later) < 3 * grad + pool, later
 
 
 def test_placement_and_a_kept_sketch_change_nothing(tmp_path, mlp, monkeypatch):
