@@ -167,6 +167,10 @@ class Selection:
                  "on the driver", m.rounds, pool, " plus the fp32 gradient" if m.kind == "data" else "",
                  per_it, m.rounds - per_it * m.iterations)
         self.scoring = self._choose(remote, resident_budget) if m.kind == "data" else None
+        if self.scoring is not None and self.scoring.scoring == "sketch":
+            log.info("frank_wolfe plan: scoring from a sketch: the first statistics pass reads the "
+                     "pool and the gradient, the %d later ones the fp32 gradient only (where a "
+                     "worker kept the sketch of its slice)", m.rounds - 1)
 
     def _choose(self, remote: tuple[int, ...], budget: int) -> "ScoringChoice":
         """``objective.scoring`` for this run (auto resolved), logged with its figures.
