@@ -377,7 +377,10 @@ class Run:
     def _start_executor(self) -> None:
         assert self.plan is not None and self.output is not None and self.validated is not None
         v = self.validated
-        self.selection = Selection.for_run(self.pipeline, v.methods, v.base, v.experts)
+        budget = self._resident_bytes()
+        remote = tuple(i for i, m in enumerate([v.base, *v.experts]) if worth_keeping(m.url))
+        self.selection = Selection.for_run(self.pipeline, v.methods, v.base, v.experts, remote=remote,
+                                           resident_budget=budget * self.executor.workers)
         extra = self.selection.extra_sources(self.output.staging) if self.selection else []
         self.executor.start(Job(
             tensors=self.plan.tensors,
@@ -389,8 +392,8 @@ class Run:
             allow_nonfinite=self.pipeline.allow_nonfinite,
             storage=self.pipeline.storage,
             sink=self.output.sink(),
-            resident_bytes=self._resident_bytes(),
-            resident_sources=tuple(i for i, m in enumerate([v.base, *v.experts]) if worth_keeping(m.url)),
+            resident_bytes=budget,
+            resident_sources=self.selection.resident_sources(remote) if self.selection else remote,
         ))
 
     def _resident_bytes(self) -> int:

@@ -6,6 +6,12 @@ parallel into reused buffers, converts them to fp32 on its device (CUDA when the
 GPU), runs the method's ``stats`` or ``merge``, casts to the output dtype and, in the merge
 pass, writes the slice's bytes at their planned offset in one positional write. It returns a
 small :class:`Report`; tensors never leave the worker.
+
+Between passes a worker may keep, within ``Job.resident_bytes``, its blocks of inputs behind
+URLs and the derivatives a method asks it to keep (``Method.derivative``: e.g. frank_wolfe's
+sketches of the pool); a later round that can work from a kept derivative reads only the
+sources after the experts. Either way the values computed are the same, so where a slice runs
+changes no output byte.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class SliceWorker:
         self._lock = threading.Lock()
         self._counts: dict[str, np.ndarray] = {}
         self._resident: dict[tuple[int, str, int, int], torch.Tensor] = {}
+        self._derived: dict[tuple[str, int, int], Any] = {}     # Method.derive, by tensor and rows
         self._resident_used = 0
 
     @property
@@ -128,6 +135,7 @@ class SliceWorker:
 
     def close(self) -> None:
         self._resident.clear()
+        self._derived.clear()
         self.pool.shutdown()
         for reader in self._readers:
             reader.close()
@@ -150,9 +158,10 @@ class SliceWorker:
             fp32 = self._local.fp32 = torch.empty(elements, dtype=torch.float32, device=self.device)
         return fp32[:elements]
 
-    def _read(self, tensor: str, r0: int, r1: int) -> tuple[list[torch.Tensor], int]:
-        """Rows ``r0..r1`` of ``tensor`` in every source, and how many bytes of them came from
-        storage (not from blocks kept in memory)."""
+    def _read(self, tensor: str, r0: int, r1: int, which: range | None = None
+              ) -> tuple[list[torch.Tensor], int]:
+        """Rows ``r0..r1`` of ``tensor`` in every source (or in the sources ``which``), and how
+        many bytes of them came from storage (not from blocks kept in memory)."""
         reader = self.reader              # this slice's thread's buffers, one slot per model
         uploaded = getattr(self._local, "uploaded", None)
         if uploaded is not None:          # the last block's copies to the GPU left the buffers
@@ -169,7 +178,7 @@ class SliceWorker:
             if keep:
                 self._resident[key] = rows
             return rows, rows.numel() * rows.element_size()
-        got = list(self.pool.map(one, range(len(self.job.sources))))
+        got = list(self.pool.map(one, range(len(self.job.sources)) if which is None else which))
         return [rows for rows, _ in got], sum(n for _, n in got)
 
     def _reserve(self, nbytes: int) -> bool:
@@ -182,6 +191,19 @@ class SliceWorker:
                 return False
             self._resident_used += nbytes
             return True
+
+    def _keep_derived(self, key: tuple[str, int, int], derived: Any) -> None:
+        """Keep a method's derivative of a block (:meth:`Method.derivative`) within the
+        resident budget; nothing when it does not fit."""
+        if key not in self._derived and self._reserve(int(derived.nbytes)):
+            with self._lock:
+                self._derived[key] = derived
+
+    def _chunks(self, rows: int, cols: int, stats: bool) -> list[tuple[int, int]]:
+        """The row ranges (within the piece) of the method calls on it: the same whichever
+        sources a round reads, so a derivative kept in one round is found in the next."""
+        step = chunk_rows(self.device.type, len(self.job.sources), cols, rows, stats=stats)
+        return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
     def _upload(self, raws: list[torch.Tensor]) -> list[torch.Tensor]:
         """The blocks on the worker's device, in their stored dtype. To a GPU: asynchronous
@@ -239,8 +261,18 @@ class SliceWorker:
             method = self.job.methods.for_tensor(piece.tensor)
             if task.round is not None and (not tp.merged or task.round >= method.rounds):
                 continue
+            mode = method.derivative(task.round, ctx) if task.round is not None and tp.merged else None
+            n_pool = 1 + len(self.job.weights)               # base and experts; then the extras
+            only_extras = False
+            if mode == "use":                                # kept derivatives replace the pool
+                info = self.job.sources[0][piece.tensor][1]
+                rows = piece.row_stop - piece.row_start
+                chunks = self._chunks(rows, info.numel // info.rows if info.rows else 0, True)
+                only_extras = all((piece.tensor, piece.row_start + a, piece.row_start + b) in self._derived
+                                  for a, b in chunks)
             t0 = time.perf_counter()
-            raws, from_storage = self._read(piece.tensor, piece.row_start, piece.row_stop)
+            raws, from_storage = self._read(piece.tensor, piece.row_start, piece.row_stop,
+                                            range(n_pool, len(self.job.sources)) if only_extras else None)
             rep.bytes_read += from_storage
             t1 = time.perf_counter()
             t_read += t1 - t0
@@ -253,20 +285,34 @@ class SliceWorker:
                 continue
             rows, cols = raws[0].shape
             raws = self._upload(raws)
-            step = chunk_rows(self.device.type, len(raws), cols, rows, stats=task.round is not None)
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
+            for r0, r1 in self._chunks(rows, cols, task.round is not None):
                 fp32 = self._workspace(len(raws) * (r1 - r0) * cols).view(len(raws), r1 - r0, cols)
                 for t, r in enumerate(raws):
                     fp32[t].copy_(r[r0:r1])
-                base, experts = fp32[0], fp32[1:]                           # [rows, cols], [T, rows, cols]
                 g0, g1 = piece.row_start + r0, piece.row_start + r1
-                if (task.round or 0) == 0 and (task.round is not None or method.rounds == 0):
-                    self._check_finite(piece.tensor, g0, g1, base, experts)  # first read only
-                block = Block(name=piece.tensor, base=base, experts=experts,
-                              weights=self.job.weights, row_start=g0, scratch=True)
+                kept = (piece.tensor, g0, g1)
+                if only_extras:                                             # fp32: [E, rows, cols]
+                    part = method.stats_derived(task.round, self._derived[kept], fp32,
+                                                name=piece.tensor, row_start=g0, ctx=ctx)
+                else:
+                    base, experts = fp32[0], fp32[1:]                       # [rows, cols], [T, rows, cols]
+                    if (task.round or 0) == 0 and (task.round is not None or method.rounds == 0):
+                        self._check_finite(piece.tensor, g0, g1, base, experts)  # first read only
+                    block = Block(name=piece.tensor, base=base, experts=experts,
+                                  weights=self.job.weights, row_start=g0, scratch=True)
+                    if mode == "use":                                       # not kept here: derive again
+                        derived = self._derived.get(kept)
+                        if derived is None:
+                            derived = method.derive(block, ctx)
+                            self._keep_derived(kept, derived)
+                        part = method.stats_derived(task.round, derived, fp32[n_pool:],
+                                                    name=piece.tensor, row_start=g0, ctx=ctx)
+                    elif task.round is not None:
+                        if mode == "keep" and kept not in self._derived:      # before stats: a
+                            self._keep_derived(kept, method.derive(block, ctx))  # scratch block may change
+                        part = method.stats(task.round, block, ctx)
                 if task.round is not None:
-                    for key, arr in method.stats(task.round, block, ctx).items():
+                    for key, arr in part.items():
                         if is_exact(arr):
                             with self._lock:
                                 if key not in self._counts:

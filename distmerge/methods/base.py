@@ -81,6 +81,34 @@ class Method:
     def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    # -- kept derivatives: statistics rounds that need not read the base and experts again ----
+    def derivative(self, round: int, ctx: dict[str, Any]) -> str | None:
+        """How statistics round ``round`` uses a *derivative* of a block's base and experts
+        (:meth:`derive`: something smaller, e.g. a sketch, that a worker may keep in memory,
+        counted against its resident budget, keyed by tensor and row range):
+
+        - None (the default): the worker reads every source and calls :meth:`stats`;
+        - ``"keep"``: the same, and the worker also keeps ``derive(block, ctx)`` when its
+          resident budget allows;
+        - ``"use"``: the statistics are :meth:`stats_derived` of the block's derivative and its
+          rows of the extra sources (those after the experts, e.g. a gradient rewritten between
+          passes). A worker that kept the derivative reads only the extra sources; one that did
+          not (no room, or the slice ran elsewhere before) reads every source and derives it
+          again. ``derive`` depends only on the block's rows, so the statistics do not depend
+          on where the block runs."""
+        return None
+
+    def derive(self, block: Block, ctx: dict[str, Any]) -> Any:
+        """The derivative of ``block``'s base and experts (see :meth:`derivative`): any object
+        with an ``nbytes`` attribute (what it counts against the resident budget)."""
+        raise NotImplementedError
+
+    def stats_derived(self, round: int, derived: Any, extras: torch.Tensor, *, name: str,
+                      row_start: int, ctx: dict[str, Any]) -> Partial:
+        """A ``"use"`` round's statistics of one block from its derivative and ``extras``
+        ([E, rows, cols] fp32: the block's rows of the sources after the experts)."""
+        raise NotImplementedError
+
     def merge(self, block: Block, ctx: dict[str, Any]) -> torch.Tensor:
         raise NotImplementedError
 

@@ -20,7 +20,11 @@ How it runs in the engine's protocol (stats → reduce → merge):
   gradient stage (:mod:`distmerge.select.gradient`) writes ∇f(θ^t) as a checkpoint in the base's
   layout, which the workers read as one more source (the block's last "expert"); each slice
   returns exact ⟨∇f, θ₀⟩, ⟨∇f, τ_j⟩, ‖∇f‖², ‖θ_j‖² per tensor, and ``reduce`` makes one step.
-  Each iteration reads the pool once more (bytes logged per iteration).
+  Each iteration reads the pool once more (bytes logged per iteration), unless the run's
+  ``objective.scoring`` resolves to ``sketch`` (:mod:`distmerge.select.sketch`): the exact
+  first score round also keeps a row-wise CountSketch of [θ₀, τ_1..τ_n] in the workers
+  (``Method.derivative`` "keep"), and later rounds score from it and the gradient alone ("use"),
+  returning the variance bounds the trace turns into σ per candidate.
 
 - ``local_merge: ties`` — the model is no longer a combination of the pool: θ^{t+1} =
   θ^t + scale·γ_t · trim(θ_pick − θ^t), the trim keeping the entries of |θ_pick − θ^t| at or
@@ -53,6 +57,7 @@ from distmerge.reduce import abs_bits, bits_to_float, exact_value, histogram16, 
 from distmerge.select.frank_wolfe import GroupScores, Params, fw_pick, fw_step, initial_coefficients
 from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
 from distmerge.select.objectives import DataFree, data_free_at, scores_from_products
+from distmerge.select.sketch import DEFAULT_RATIO, check_scoring, sketch_pool, sketched_products, uncertainty
 
 GROUP = "frank_wolfe"
 LOSSES = ("cross_entropy", "entropy")
@@ -69,6 +74,7 @@ def check_objective(obj: Any) -> None:
         raise ValueError("objective: must be a mapping with kind: data_free or kind: data")
     kind = obj.get("kind")
     if kind == "data_free":
+        check_scoring(obj)
         unknown = set(obj) - {"kind", "targets"}
         if unknown:
             raise ValueError(f"objective.{sorted(unknown)[0]}: unknown key of a data_free objective "
@@ -86,10 +92,11 @@ def check_objective(obj: Any) -> None:
             if len(set(map(str, targets))) != len(targets):
                 raise ValueError("objective.targets: lists a target twice")
     elif kind == "data":
-        unknown = set(obj) - {"kind", "model", "tasks", "batch_size", "gradient"}
+        unknown = set(obj) - {"kind", "model", "tasks", "batch_size", "gradient", "scoring", "sketch_ratio"}
         if unknown:
             raise ValueError(f"objective.{sorted(unknown)[0]}: unknown key of a data objective "
-                             "(known: kind, model, tasks, batch_size, gradient)")
+                             "(known: kind, model, tasks, batch_size, gradient, scoring, sketch_ratio)")
+        check_scoring(obj)
         if obj.get("gradient", "auto") not in GRADIENT_MODES:
             raise ValueError(f"objective.gradient: must be one of {' | '.join(GRADIENT_MODES)} (where "
                              f"∇f is computed: auto, the driver, FSDP ranks), got {obj.get('gradient')!r}")
@@ -152,6 +159,10 @@ class FrankWolfe(Method):
         if not 0.0 <= self.density <= 1.0:
             raise ValueError("density: must be between 0 and 1")
         check_objective(self.objective)
+        if self.scoring == "sketch" and self.local_merge == "ties":
+            raise ValueError("objective.scoring: sketch needs local_merge: task_arithmetic (the TIES "
+                             "local merge's trim rounds read θ^t's rows, so its iterations re-read "
+                             "the pool anyway); use scoring: exact or auto")
 
     def check_weights(self, weights: tuple[float, ...]) -> None:
         if any(w != 1.0 for w in weights):
@@ -161,6 +172,25 @@ class FrankWolfe(Method):
     @property
     def kind(self) -> str:
         return self.objective.get("kind", "data_free")
+
+    @property
+    def scoring(self) -> str:
+        """``objective.scoring`` as asked (auto | exact | sketch; the run resolves auto)."""
+        return self.objective.get("scoring", "auto") if self.kind == "data" else "exact"
+
+    @property
+    def sketch_ratio(self) -> int:
+        return int(self.objective.get("sketch_ratio", DEFAULT_RATIO))
+
+    def can_sketch(self) -> str | None:
+        """None when the score rounds can use a sketch, else why not."""
+        if self.kind != "data":
+            return "the data-free objective reads the pool once"
+        if self.local_merge == "ties":
+            return "the TIES local merge's trim rounds read θ^t's rows (always exact)"
+        if self.iterations < 2:
+            return "one iteration: its score round is exact"
+        return None
 
     @property
     def targets(self) -> tuple[int, ...] | None:
@@ -267,6 +297,26 @@ class FrankWolfe(Method):
         part = ties.stats(r, pool, state.get("init", {}))
         return {f"{GROUP}/init:{k.rsplit('/', 1)[1]}": v for k, v in part.items()}
 
+    # -- kept sketches of the pool (objective.scoring: sketch; see Method.derivative) ----------
+    def derivative(self, round: int, ctx: dict[str, Any]) -> str | None:
+        """With the run's scoring resolved to ``sketch`` (``ctx``; task arithmetic, data
+        objective): the exact first score round keeps each block's sketch, later ones use it."""
+        if self.kind != "data" or self.local_merge != "task_arithmetic":
+            return None
+        if (ctx.get(GROUP) or {}).get("scoring") != "sketch":
+            return None
+        if round == 0:
+            return "keep" if self.iterations > 1 else None
+        return "use"
+
+    def derive(self, block: Block, ctx: dict[str, Any]) -> Any:
+        n = len(block.weights)
+        return sketch_pool(block.name, block.row_start, block.base, block.experts[:n], self.sketch_ratio)
+
+    def stats_derived(self, round: int, derived: Any, extras: torch.Tensor, *, name: str,
+                      row_start: int, ctx: dict[str, Any]) -> Partial:
+        return {key_of(name): sketched_products(name, row_start, derived, extras[0])}   # extras[0]: ∇f
+
     def reduce(self, round: int, totals: Partial, ctx: dict[str, Any]) -> dict[str, Any]:
         ctx = dict(ctx)
         if self.local_merge == "task_arithmetic":
@@ -365,17 +415,36 @@ class FrankWolfe(Method):
         names = self._n_and_names(totals)
         groups = {}
         n = 0
+        scoring = state.get("scoring")                   # set by the run (select.pool.Selection)
+        sketched = scoring == "sketch" and round >= 1
+        variances: dict[str, np.ndarray] | None = {} if sketched else None
+        weight_sq = {}
         for k, arr in totals.items():
             vals = np.array([exact_value(int(v)) for v in arr], dtype=np.float64)
-            n = (len(vals) - 2) // 2
-            groups[tensor_of(k)] = scores_from_products(vals[:n + 2], vals[n + 2:])
+            name = tensor_of(k)
+            if variances is not None:              # [⟨Sg,Sθ₀⟩, ⟨Sg,Sτ_j⟩.., ‖g‖², V_θ₀, V_τ_j.., V_θ_j..]
+                n = (len(vals) - 3) // 3
+                groups[name] = GroupScores(inner=vals[1:n + 1], grad_base=float(vals[0]),
+                                           grad_sq=float(vals[n + 1]),
+                                           weight_sq=np.asarray(state["weight_sq"][name], dtype=np.float64))
+                variances[name] = vals[n + 2:]
+            else:                                  # [⟨g,θ₀⟩, ⟨g,τ_j⟩.., ‖g‖², ‖θ_j‖²..]
+                n = (len(vals) - 2) // 2
+                groups[name] = scores_from_products(vals[:n + 2], vals[n + 2:])
+                weight_sq[name] = vals[n + 2:].tolist()
+        if scoring == "sketch" and not sketched:         # exact ‖θ_j‖², for the sketched cosines
+            state["weight_sq"] = weight_sq
         if "coefficients" not in state:
             state.update(initial_state(self, names, n))
         coeffs = {k: np.asarray(v, dtype=np.float64) for k, v in state["coefficients"].items()}
         f = float(state.get("objective_now", float("nan")))
         coeffs, st = fw_step(round, groups, coeffs, self.fw_params())
         state["coefficients"] = {k: v.tolist() for k, v in coeffs.items()}
-        state["trace"] = list(state.get("trace", [])) + [_record(round, st, f, self.granularity)]
+        rec = _record(round, st, f, self.granularity)
+        if scoring is not None:
+            rec["scoring"] = "sketch" if sketched else "exact"
+            rec.update(uncertainty(groups, variances, rule=self.score, granularity=self.granularity))
+        state["trace"] = list(state.get("trace", [])) + [rec]
         state["experts"] = n
         ctx[GROUP] = state
         return ctx

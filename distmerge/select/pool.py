@@ -13,6 +13,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from distmerge.checkpoint.multipart import is_object_store
 from distmerge.checkpoint.source import is_local, local_path
 from distmerge.checkpoint.state import file_fingerprint
@@ -21,6 +23,7 @@ from distmerge.errors import ConfigError
 
 if TYPE_CHECKING:
     from distmerge.checkpoint.source import ModelHeaders
+    from distmerge.select.sketch import ScoringChoice
     from distmerge.config import Pipeline
     from distmerge.methods import MethodSet
 
@@ -143,7 +146,8 @@ class Selection:
 
     def __init__(self, method: Any, expert_urls: list[str], base: "ModelHeaders",
                  experts: list["ModelHeaders"], storage: Any = None, memory: int = 0,
-                 workers: int = 1, gpus_per_worker: float = 0):
+                 workers: int = 1, gpus_per_worker: float = 0, remote: tuple[int, ...] = (),
+                 resident_budget: int = 0):
         self.method = method
         self.workers = workers                 # the sharded gradient stage's ranks
         self.gpus_per_worker = gpus_per_worker
@@ -162,15 +166,55 @@ class Selection:
                  "iteration after %d up front, then the merge pass; the iterations themselves run "
                  "on the driver", m.rounds, pool, " plus the fp32 gradient" if m.kind == "data" else "",
                  per_it, m.rounds - per_it * m.iterations)
+        self.scoring = self._choose(remote, resident_budget) if m.kind == "data" else None
+        if self.scoring is not None and self.scoring.scoring == "sketch":
+            log.info("frank_wolfe plan: scoring from a sketch: the first statistics pass reads the "
+                     "pool and the gradient, the %d later ones the fp32 gradient only (where a "
+                     "worker kept the sketch of its slice)", m.rounds - 1)
+
+    def _choose(self, remote: tuple[int, ...], budget: int) -> "ScoringChoice":
+        """``objective.scoring`` for this run (auto resolved), logged with its figures.
+        ``remote``: the models (0 the base) behind URLs; ``budget``: the bytes all workers may
+        keep resident together."""
+        from distmerge.checkpoint.header import FLOAT_DTYPES
+        from distmerge.select.sketch import choose_scoring
+
+        m = self.method
+        models = [self.base, *self.experts]
+        floats = [name for name, (_, info) in self.base.tensors.items() if info.dtype in FLOAT_DTYPES]
+
+        def nbytes(model: "ModelHeaders") -> int:
+            return sum(model.tensors[name][1].nbytes for name in floats)
+
+        c = choose_scoring(m.scoring, applicable=m.can_sketch(), ratio=m.sketch_ratio,
+                           shapes=[self.base.tensors[name][1].shape for name in floats], n=len(self.experts),
+                           pool_bytes=sum(nbytes(x) for x in models),
+                           remote_bytes=sum(nbytes(models[i]) for i in remote), resident_budget=budget)
+        log.info("frank_wolfe scoring: %s (asked: %s; %s): an exact score round reads %d pool bytes, "
+                 "%d of them from storage beyond the workers' resident budget of %d bytes, every "
+                 "iteration; a sketch keeps %d bytes (sketch_ratio %d), expected error per score "
+                 "sqrt(2/q) = %.3g (widest tensors) to %.3g (narrowest) of ‖∇f‖‖x‖", c.scoring,
+                 c.requested, c.reason, c.pool_bytes, c.reread_bytes, c.resident_budget,
+                 c.sketch_bytes, c.ratio, *c.rel_error)
+        return c
+
+    def resident_sources(self, remote: tuple[int, ...]) -> tuple[int, ...]:
+        """The inputs the workers keep resident as they are: none when the run sketches (the
+        budget holds the sketches, which save every later score round's read), else ``remote``."""
+        return () if self.scoring is not None and self.scoring.scoring == "sketch" else remote
 
     @classmethod
     def for_run(cls, pipeline: "Pipeline", methods: "MethodSet", base: "ModelHeaders",
-                experts: list["ModelHeaders"]) -> "Selection | None":
+                experts: list["ModelHeaders"], *, remote: tuple[int, ...] = (),
+                resident_budget: int = 0) -> "Selection | None":
+        """``remote``: the models (0 the base) the workers would keep resident (behind URLs);
+        ``resident_budget``: what all workers may keep together (for ``objective.scoring``)."""
         if not _is_fw(methods):
             return None
         return cls(methods.default, [e.path for e in pipeline.experts], base, experts,
                    storage=pipeline.storage, memory=pipeline.resources.memory_per_worker,
-                   workers=pipeline.resources.workers, gpus_per_worker=pipeline.resources.gpus_per_worker)
+                   workers=pipeline.resources.workers, gpus_per_worker=pipeline.resources.gpus_per_worker,
+                   remote=remote, resident_budget=resident_budget)
 
     # -- the data objective's gradient checkpoint ------------------------------------------
     def extra_sources(self, staging: str) -> list["ModelHeaders"]:
@@ -190,7 +234,12 @@ class Selection:
         """Before statistics round ``round``: the data objective's gradient at θ^round."""
         if self.stage is None or not self.method.is_score_round(round):
             return ctx
-        return self.stage.run(self.method.phase(round)[1], ctx)
+        ctx = self.stage.run(self.method.phase(round)[1], ctx)
+        if self.scoring is not None:       # a resumed run keeps the decision it started with
+            from distmerge.methods.frank_wolfe import GROUP
+
+            ctx = {**ctx, GROUP: {"scoring": self.scoring.scoring, **(ctx.get(GROUP) or {})}}
+        return ctx
 
     # -- the trace and its metrics ---------------------------------------------------------
     def pass_done(self, ctx: dict[str, Any], bytes_read: int) -> list[dict[str, Any]]:
@@ -208,6 +257,8 @@ class Selection:
             log.info("frank_wolfe iteration %d: picked %s, step %.4g, objective %.6g, FW gap %.6g",
                      r["iteration"], self._picked_summary(r["picked"]), r["step"], r["objective"],
                      r["fw_gap"])
+            if r.get("scoring") == "sketch":
+                log.info("frank_wolfe iteration %d scored from the sketch: %s", r["iteration"], _sketch_summary(r))
         return new
 
     def _picked_summary(self, picked: Any) -> str:
@@ -242,6 +293,8 @@ class Selection:
             out["gradient_stage_bytes_read"] = list(self.stage.pass_bytes)
         if "final_objective" in state:
             out["final_objective"] = state["final_objective"]
+        if self.scoring is not None:
+            out["scoring"] = self.scoring.as_dict()
         return out
 
     def finish(self, staging: str, ctx: dict[str, Any]) -> None:
@@ -254,3 +307,17 @@ class Selection:
             self.stage.remove()
         with open(os.path.join(staging, TRACE_FILE), "w") as f:
             json.dump(self.trace(ctx), f, indent=1)
+
+
+def _sketch_summary(r: dict[str, Any]) -> str:
+    """One line about a sketched iteration's decision: margin against σ, certain or not."""
+    if isinstance(r["margin"], dict):                      # per tensor
+        bad = r["uncertain_tensors"]
+        return (f"the pick is certain (margin ≥ 3σ) in {len(r['margin']) - len(bad)} of "
+                f"{len(r['margin'])} tensors" + (f"; not in {', '.join(bad[:5])}" if bad else ""))
+    if r["margin"] is None:
+        return "one candidate"
+    j = int(np.argmin(r["scores"]))
+    return (f"margin to the runner-up {r['margin']:.4g}, σ of the pick's score {r['sigma'][j]:.3g}: "
+            + ("certain (margin ≥ 3σ of the difference)" if r["certain"]
+               else "NOT certain (margin < 3σ of the difference)"))
