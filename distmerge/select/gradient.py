@@ -19,7 +19,12 @@ candidate's score (:meth:`distmerge.methods.frank_wolfe.FrankWolfe.stats`).
 
 This is the plain-torch path for models that fit one process; it runs in the driver process
 and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
-(otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
+(otherwise it re-reads them every iteration and says so per iteration). When the run's
+``objective.scoring`` resolved to ``sketch`` and the pool does not fit but one fp32 model does,
+it keeps θ̃^t instead and moves it by each recorded pick, θ̃ ← θ̃ + η (θ_pick − θ̃), reading only
+the picked expert's tensors (:meth:`ThetaAndLoss.theta`; the trace's ``gradient_point``:
+``formula`` or ``incremental``; θ̃^t equals the formula's θ^t up to fp32 rounding, see
+FRANK_WOLFE.md "The gradient point"). Models that do not fit
 one process (or ``objective.gradient: sharded``) use :mod:`distmerge.select.sharded`: torch
 FSDP2 across Ray actors, each rank building its rows of θ^t with :meth:`ThetaAndLoss.merged`
 and writing its rows of ∇f into the same file layout.

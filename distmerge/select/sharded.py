@@ -24,8 +24,10 @@ Each iteration, every rank
    tensors only those rows of base and experts are read (``RangeReader.read_rows``), a 1-D
    or 0-D tensor is read whole (one checkpoint row) and sliced; integer buffers are the base's
    and read whole by every rank. θ^t is built by the same code as the single-process stage
-   (:meth:`distmerge.select.gradient.ThetaAndLoss.merged` with row ranges: the method's
-   ``merge`` on the row block, with its ``row_start``);
+   (:meth:`distmerge.select.gradient.ThetaAndLoss.theta` with row ranges: the method's
+   ``merge`` on the row block, with its ``row_start``; or, with an incremental gradient
+   point, the rank's kept rows of θ̃^t moved by the last pick, reading only the picked
+   expert's rows);
 3. runs forward/backward over ALL the tasks' batches in the single-process order and scaling
    (:meth:`ThetaAndLoss.forward_sum`): the data are replicated, not split, so each rank
    computes the same unsharded per-batch gradient as the single process, and FSDP2's
