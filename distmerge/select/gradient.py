@@ -264,7 +264,8 @@ class ThetaAndLoss:
               ) -> tuple[dict[str, torch.Tensor], int]:
         """The model the gradient is taken at for ``ctx``'s iteration (``len(trace)`` steps
         done), and the pool bytes read: :meth:`merged` (formula) or the kept θ̃^t
-        (incremental; see :meth:`choose_point`). Same shapes as :meth:`merged`."""
+        (incremental; see :meth:`choose_point`). Same shapes as :meth:`merged`; incremental
+        tensors are the kept ones: read them, do not modify them (valid until the next call)."""
         point, why = self.choose_point(ctx)
         if point != self.point:
             log.info("frank_wolfe gradient stage: the gradient is taken at the %s model: %s",
