@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from distmerge.config import load_pipeline
 from distmerge.engine.driver import Run, run_pipeline, validate
 from distmerge.engine.executors import RayExecutor
-from distmerge.select.gradient import GradientStage
+from distmerge.select.gradient import GradientStage, ThetaAndLoss
 from tests.conftest import make_pipeline, sha256_tree
 from tests.test_frank_wolfe import _data_spec, _direct_loss, _mlp_data, _mlp_pool
 
@@ -199,6 +199,46 @@ def test_kept_model_is_the_formula_up_to_rounding_and_its_gradient_is_autograds(
     assert worst > 0 or all(torch.equal(tildes[t][k], formulas[t][k].float()) for t in range(T + 1)
                             for k in floats)
     print(f"max |θ̃^t − θ^t| / max |θ^t| over t ≤ {T}: {worst:.3g}")
+
+
+def test_the_move_is_row_block_invariant_and_a_changed_record_is_replayed(tmp_path, mlp):
+    """Row blocks (as the sharded ranks keep them) give the whole tensor's bytes; a record that
+    does not extend the kept one is replayed from θ̃^0 (the pool once, then each pick once)."""
+    models, tasks = mlp
+    spec = _spec(tasks, granularity="tensor")
+    v = validate(_pipe(tmp_path, models, spec, NOT_RESIDENT))
+    fw = v.methods.default
+    floats = ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    records = [{"iteration": t, "picked": {k: (t + i) % 3 for i, k in enumerate(floats)},
+                "eta": 0.5 * 2 / (t + 2), "held": ["fc2.bias"] if t == 1 else []} for t in range(4)]
+
+    def stage():
+        return ThetaAndLoss(fw, base=v.base, experts=v.experts, memory=500, scoring="sketch")
+
+    whole = stage()
+    ctx = {"frank_wolfe": {"scoring": "sketch", "trace": records}}
+    got, nbytes = whole.theta(ctx)
+    assert whole.point == "incremental"
+    pool = _pool(models)
+    everything = sum(x.numel() * x.element_size() for m in pool for x in m.values())
+    moved = sum(pool[1 + j][k].numel() * 4 for r in records for k, j in r["picked"].items() if k not in r["held"])
+    assert nbytes == everything + moved
+    tildes, _ = _replay(pool, [{**r, "picked": {k: str(models[1 + j]) for k, j in r["picked"].items()}}
+                               for r in records], models)
+    assert all(torch.equal(got[k], tildes[4][k]) for k in floats)
+    parts = [{"fc1.weight": (0, 2), "fc2.weight": (0, 1)}, {"fc1.weight": (2, 5), "fc2.weight": (1, 3)}]
+    blocks = [stage().theta(ctx, rows)[0] for rows in parts]
+    for k in ("fc1.weight", "fc2.weight"):
+        assert torch.equal(torch.cat([b[k] for b in blocks]), got[k]), k
+    # the same stage, then a record that differs in the past: replayed from θ̃^0
+    other = [records[0], {**records[1], "eta": 0.1}]
+    _, nbytes = whole.theta({"frank_wolfe": {"scoring": "sketch", "trace": other}})
+    assert nbytes == everything + sum(pool[1 + j][k].numel() * 4 for r in other
+                                      for k, j in r["picked"].items() if k not in r["held"])
+    # and one more step on top of it reads only that step's picks
+    more = other + [records[2]]
+    _, nbytes = whole.theta({"frank_wolfe": {"scoring": "sketch", "trace": more}})
+    assert nbytes == sum(pool[1 + j][k].numel() * 4 for k, j in records[2]["picked"].items())
 
 
 # -- resume ---------------------------------------------------------------------------------------
