@@ -19,7 +19,12 @@ candidate's score (:meth:`distmerge.methods.frank_wolfe.FrankWolfe.stats`).
 
 This is the plain-torch path for models that fit one process; it runs in the driver process
 and keeps the pool's fp32 tensors resident when they fit ``resources.memory_per_worker``
-(otherwise it re-reads them every iteration and says so per iteration). Models that do not fit
+(otherwise it re-reads them every iteration and says so per iteration). When the run's
+``objective.scoring`` resolved to ``sketch`` and the pool does not fit but one fp32 model does,
+it keeps θ̃^t instead and moves it by each recorded pick, θ̃ ← θ̃ + η (θ_pick − θ̃), reading only
+the picked expert's tensors (:meth:`ThetaAndLoss.theta`; the trace's ``gradient_point``:
+``formula`` or ``incremental``; θ̃^t equals the formula's θ^t up to fp32 rounding, see
+FRANK_WOLFE.md "The gradient point"). Models that do not fit
 one process (or ``objective.gradient: sharded``) use :mod:`distmerge.select.sharded`: torch
 FSDP2 across Ray actors, each rank building its rows of θ^t with :meth:`ThetaAndLoss.merged`
 and writing its rows of ∇f into the same file layout.
@@ -34,6 +39,7 @@ import os
 import shutil
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
@@ -139,8 +145,12 @@ class ThetaAndLoss:
     :mod:`distmerge.select.sharded`)."""
 
     def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
-                 storage: Any = None, memory: int = 0, pool_bytes: int | None = None):
+                 storage: Any = None, memory: int = 0, pool_bytes: int | None = None,
+                 scoring: str | None = None):
         self.method = method
+        self.memory = memory
+        #: the run's ``objective.scoring`` (resolved); a resumed run's recorded one wins (ctx)
+        self.scoring = scoring
         self.base = base
         self.experts = experts
         self.storage = storage
@@ -160,6 +170,13 @@ class ThetaAndLoss:
         self.resident = memory <= 0 or self.pool_fp32 <= memory
         self._pool: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pass_bytes: list[int] = []
+        #: one fp32 copy of the model (of this process's rows): what θ̃^t keeps
+        self.model_fp32 = self.pool_fp32 // (len(experts) + 1)
+        self.point: str | None = None           # "formula" | "incremental", once a θ was built
+        self.point_reason = ""
+        self._kept: dict[str, torch.Tensor] | None = None    # θ̃^t (incremental)
+        self._kept_rows: dict[str, tuple[int, int]] | None = None
+        self._kept_steps: list[Any] = []                      # the records θ̃ has moved by
 
 
     # -- θ^t ----------------------------------------------------------------------------------
@@ -216,6 +233,111 @@ class ThetaAndLoss:
             reader.close()
         return out, total
 
+    # -- θ̃^t: the kept model, moved by each pick (scoring: sketch, pool not resident) -------------
+    def choose_point(self, ctx: dict[str, Any]) -> tuple[str, str]:
+        """Where the gradient is taken: ``formula`` (θ^t = θ₀ + Σ_j c_j τ_j rebuilt from the pool,
+        the bytes the merge pass writes) or ``incremental`` (θ̃^t kept between iterations and
+        moved by each iteration's pick), and why."""
+        from distmerge.methods.frank_wolfe import GROUP
+
+        scoring = (ctx.get(GROUP) or {}).get("scoring", self.scoring)
+        if self.method.local_merge != "task_arithmetic":
+            return "formula", "the TIES local merge replays θ^t from its record"
+        if scoring != "sketch":
+            return "formula", (f"objective.scoring resolved to {scoring or 'exact'}: the gradient is "
+                               "taken at the merge formula's θ^t")
+        if self.resident:
+            return "formula", (f"the pool's fp32 copy ({self.pool_fp32} bytes) fits "
+                               f"resources.memory_per_worker ({self.memory}) and stays resident: "
+                               "θ^t is rebuilt from memory")
+        if self.model_fp32 > self.memory:
+            return "formula", (f"the pool's fp32 copy ({self.pool_fp32} bytes) does not fit "
+                               f"resources.memory_per_worker ({self.memory}), nor does one fp32 copy "
+                               f"of the model ({self.model_fp32} bytes): θ^t is rebuilt from the pool "
+                               "every iteration")
+        return "incremental", (f"the pool's fp32 copy ({self.pool_fp32} bytes) does not fit "
+                               f"resources.memory_per_worker ({self.memory}); one fp32 copy of the "
+                               f"model ({self.model_fp32} bytes) is kept and moved by each pick, "
+                               "reading only the picked expert's tensors")
+
+    def theta(self, ctx: dict[str, Any], rows: dict[str, tuple[int, int]] | None = None
+              ) -> tuple[dict[str, torch.Tensor], int]:
+        """The model the gradient is taken at for ``ctx``'s iteration (``len(trace)`` steps
+        done), and the pool bytes read: :meth:`merged` (formula) or the kept θ̃^t
+        (incremental; see :meth:`choose_point`). Same shapes as :meth:`merged`; incremental
+        tensors are the kept ones: read them, do not modify them (valid until the next call)."""
+        point, why = self.choose_point(ctx)
+        if point != self.point:
+            log.info("frank_wolfe gradient stage: the gradient is taken at the %s model: %s",
+                     "merge formula's" if point == "formula" else "incrementally kept", why)
+        self.point, self.point_reason = point, why
+        if point == "formula":
+            self._kept = None
+            return self.merged(ctx, rows)
+        return self._incremental(ctx, rows)
+
+    def _incremental(self, ctx: dict[str, Any], rows: dict[str, tuple[int, int]] | None
+                     ) -> tuple[dict[str, torch.Tensor], int]:
+        """θ̃^t: θ̃^0 by the formula (:meth:`merged` at the initial coefficients), then each
+        recorded step s < t: θ̃ ← θ̃ + η_s (θ_{j*_s} − θ̃) per float tensor not held, in fp32
+        elementwise (``d = x − θ̃``, ``d ← d·η`` with η rounded to fp32, ``θ̃ ← θ̃ + d``: three
+        correctly rounded operations, so any row block gives the same bytes). Kept between
+        calls; a call whose record does not extend the kept one (a resumed run, a restarted
+        rank) replays from θ̃^0, reading each past pick once."""
+        from distmerge.methods.frank_wolfe import GROUP, initial_state
+
+        trace = list((ctx.get(GROUP) or {}).get("trace", []))
+        steps = [self._step_of(r) for r in trace]
+        total = 0
+        if (self._kept is None or self._kept_rows != rows or len(steps) < len(self._kept_steps)
+                or steps[:len(self._kept_steps)] != self._kept_steps):
+            names = self._float_names()
+            start = {GROUP: initial_state(self.method, names, len(self.experts))}
+            self._kept, total = self.merged(start, rows)
+            self._kept_rows, self._kept_steps = rows, []
+        reader = RangeReader(self.storage)
+        try:
+            for step in steps[len(self._kept_steps):]:
+                total += self._move(step, rows, reader)
+                self._kept_steps.append(step)
+        finally:
+            reader.close()
+        return dict(self._kept), total
+
+    def _step_of(self, rec: dict[str, Any]) -> tuple[float, dict[str, int]]:
+        """A trace record's move: (η, {float tensor: picked expert}) over the tensors that
+        moved (``model``: every float tensor unless ``moved`` is false; ``tensor``: those not
+        in ``held``)."""
+        floats = self._float_names()
+        if isinstance(rec["picked"], dict):
+            held = set(rec.get("held", ()))
+            picks = {n: int(j) for n, j in rec["picked"].items() if n not in held}
+            return float(rec["eta"]), {n: picks[n] for n in floats if n in picks}
+        if rec["picked"] is None or not rec.get("moved", True):
+            return float(rec["eta"]), {}
+        return float(rec["eta"]), {n: int(rec["picked"]) for n in floats}
+
+    def _move(self, step: tuple[float, dict[str, int]], rows: dict[str, tuple[int, int]] | None,
+              reader: RangeReader) -> int:
+        """One recorded step on the kept θ̃ (see :meth:`_incremental`); the bytes read: the
+        picked expert's rows of each moving tensor, nothing for a held one."""
+        assert self._kept is not None
+        eta, picks = step
+        eta32 = float(np.float32(eta))
+        nbytes = 0
+        for name in sorted(picks):
+            j = picks[name]
+            url, info = self.experts[j].tensors[name]
+            part = (rows or {}).get(name)
+            start, stop = (0, info.rows) if part is None else part
+            cur = self._kept[name]
+            x = reader.read_rows(1 + j, url, info, start, stop).float().reshape(cur.shape)
+            nbytes += info.row_bytes * (stop - start)
+            d = x - cur
+            d.mul_(eta32)
+            cur.add_(d)
+        return nbytes
+
     def _float_names(self) -> list[str]:
         return [n for n in self.names if self.base.tensors[n][1].dtype in FLOAT_DTYPES]
 
@@ -264,8 +386,9 @@ class GradientStage(ThetaAndLoss):
     docstring). ``headers``: the gradient checkpoint's, for the workers' Job."""
 
     def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
-                 folder: str, storage: Any = None, memory: int = 0):
-        super().__init__(method, base=base, experts=experts, storage=storage, memory=memory)
+                 folder: str, storage: Any = None, memory: int = 0, scoring: str | None = None):
+        super().__init__(method, base=base, experts=experts, storage=storage, memory=memory,
+                         scoring=scoring)
         self.folder = folder
         fp32 = self.pool_fp32
         os.makedirs(folder, exist_ok=True)
@@ -275,10 +398,14 @@ class GradientStage(ThetaAndLoss):
         self._log_plan(fp32)
 
     def _log_plan(self, fp32: int) -> None:
+        point, why = self.choose_point({})
         log.info("frank_wolfe data objective: gradient checkpoint %s; the pool's fp32 tensors "
-                 "(%d bytes) %s", self.path, fp32,
+                 "(%d bytes) %s; the gradient is taken at the %s model (%s)", self.path, fp32,
                  "stay resident between iterations" if self.resident
-                 else "exceed resources.memory_per_worker and are re-read every iteration")
+                 else "exceed resources.memory_per_worker" + (
+                     ": after the first iteration only the picked expert's tensors are read"
+                     if point == "incremental" else " and are re-read every iteration"),
+                 point, why)
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write the checkpoint in place: the same file (inode) every iteration, because the
@@ -298,16 +425,17 @@ class GradientStage(ThetaAndLoss):
         """Write ∇f(θ^round) and return ``ctx`` with f(θ^round) in it."""
         from distmerge.methods.frank_wolfe import GROUP
 
-        theta, nbytes = self.merged(ctx)
+        theta, nbytes = self.theta(ctx)
         f, grads = self.loss_and_grad(theta)
         self._write(grads)
         self.pass_bytes.append(nbytes)
-        log.info("frank_wolfe gradient stage, iteration %d: f = %.6g, read %d pool bytes", round, f, nbytes)
+        log.info("frank_wolfe gradient stage, iteration %d: f = %.6g at the %s model, read %d pool "
+                 "bytes", round, f, self.point, nbytes)
         return {**ctx, GROUP: {**(ctx.get(GROUP) or {}), "objective_now": f}}
 
     def objective(self, ctx: dict[str, Any]) -> float:
-        """f at the final model (a forward pass only)."""
-        theta, nbytes = self.merged(ctx)
+        """f at the final model (a forward pass only; the incremental θ̃^T when the run keeps it)."""
+        theta, nbytes = self.theta(ctx)
         self.pass_bytes.append(nbytes)
         f, _ = self.loss_and_grad(theta, grad=False)
         return f

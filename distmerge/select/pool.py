@@ -227,7 +227,8 @@ class Selection:
         self.stage = make_stage(self.method, base=self.base, experts=self.experts,
                                 folder=os.path.join(staging, "frank_wolfe_gradient"),
                                 storage=self.storage, memory=self.memory, workers=self.workers,
-                                gpus_per_worker=self.gpus_per_worker)
+                                gpus_per_worker=self.gpus_per_worker,
+                                scoring=self.scoring.scoring if self.scoring is not None else None)
         return [self.stage.headers]
 
     def before_round(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -291,6 +292,10 @@ class Selection:
         out["stats_pass_bytes_read"] = list(self.pass_bytes)
         if self.stage is not None:
             out["gradient_stage_bytes_read"] = list(self.stage.pass_bytes)
+            # formula: θ^t = θ₀ + Σ c_j τ_j (the output's bytes); incremental: the kept θ̃^t,
+            # equal to it up to fp32 rounding (FRANK_WOLFE.md)
+            out["gradient_point"] = self.stage.point
+            out["gradient_point_reason"] = self.stage.point_reason
         if "final_objective" in state:
             out["final_objective"] = state["final_objective"]
         if self.scoring is not None:

@@ -24,8 +24,10 @@ Each iteration, every rank
    tensors only those rows of base and experts are read (``RangeReader.read_rows``), a 1-D
    or 0-D tensor is read whole (one checkpoint row) and sliced; integer buffers are the base's
    and read whole by every rank. θ^t is built by the same code as the single-process stage
-   (:meth:`distmerge.select.gradient.ThetaAndLoss.merged` with row ranges: the method's
-   ``merge`` on the row block, with its ``row_start``);
+   (:meth:`distmerge.select.gradient.ThetaAndLoss.theta` with row ranges: the method's
+   ``merge`` on the row block, with its ``row_start``; or, with an incremental gradient
+   point, the rank's kept rows of θ̃^t moved by the last pick, reading only the picked
+   expert's rows);
 3. runs forward/backward over ALL the tasks' batches in the single-process order and scaling
    (:meth:`ThetaAndLoss.forward_sum`): the data are replicated, not split, so each rank
    computes the same unsharded per-batch gradient as the single process, and FSDP2's
@@ -154,10 +156,11 @@ class GradientRank(ThetaAndLoss):
     """One rank of the sharded stage (a Ray actor)."""
 
     def __init__(self, rank: int, world: int, method: Any, base: ModelHeaders,
-                 experts: list[ModelHeaders], storage: Any, memory: int, gpu_index: int):
+                 experts: list[ModelHeaders], storage: Any, memory: int, gpu_index: int,
+                 scoring: str | None = None):
         share = (param_bytes(base) * (len(experts) + 1)) // max(1, world)
         super().__init__(method, base=base, experts=experts, storage=storage, memory=memory,
-                         pool_bytes=share)
+                         pool_bytes=share, scoring=scoring)
         self.rank, self.world = rank, world
         self.gpu, self.gpu_index = gpu_index >= 0, gpu_index     # -1: CPU (gloo)
         self.model: torch.nn.Module | None = None
@@ -222,15 +225,17 @@ class GradientRank(ThetaAndLoss):
         self.model = model
 
     def step(self, ctx: dict[str, Any], grad: bool, path: str | None,
-             offsets: dict[str, int]) -> tuple[float, int]:
-        """f(θ^t) (the same on every rank) and the pool bytes this rank read; with ``grad``,
-        this rank's rows of ∇f written into ``path`` at ``offsets`` (each tensor's first byte)."""
+             offsets: dict[str, int]) -> tuple[float, int, str, str]:
+        """f(θ^t) (the same on every rank), the pool bytes this rank read and where the
+        gradient was taken (:meth:`ThetaAndLoss.choose_point`: this rank keeps θ̃^t of its rows
+        when incremental); with ``grad``, this rank's rows of ∇f written into ``path`` at
+        ``offsets`` (each tensor's first byte)."""
         if self.gpu:
             torch.cuda.set_device(self.gpu_index)
         if self.model is None:
             self._build()
         model = self.model
-        theta, nbytes = self.merged(ctx, self.rows)
+        theta, nbytes = self.theta(ctx, self.rows)
         dev = self._device()
         with torch.no_grad():
             params = dict(model.named_parameters())
@@ -259,7 +264,7 @@ class GradientRank(ThetaAndLoss):
                     fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-        return f, nbytes
+        return f, nbytes, self.point, self.point_reason
 
     def stop(self) -> None:
         import torch.distributed as dist
@@ -273,14 +278,14 @@ class ShardedGradientStage(GradientStage):
 
     def __init__(self, method: Any, *, base: ModelHeaders, experts: list[ModelHeaders],
                  folder: str, storage: Any = None, memory: int = 0, workers: int = 1,
-                 gpus_per_worker: float = 0):
+                 gpus_per_worker: float = 0, scoring: str | None = None):
         import ray
 
         if not ray.is_initialized():
             raise ConfigError("method.objective: the sharded gradient stage runs on Ray actors; run "
                               "with the Ray executor (or objective.gradient: single)")
         super().__init__(method, base=base, experts=experts, folder=folder, storage=storage,
-                         memory=memory)
+                         memory=memory, scoring=scoring)
         self._pool.clear()
         self.resident = False                       # the driver builds no θ^t
         self.world = workers
@@ -301,7 +306,7 @@ class ShardedGradientStage(GradientStage):
 
                     opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
                 self.actors.append(ray.remote(GradientRank).options(**opts).remote(
-                    r, workers, method, base, experts, storage, memory, index))
+                    r, workers, method, base, experts, storage, memory, index, scoring))
             host, port = ray.get(self.actors[0].address.remote())
             if host == ray.util.get_node_ip_address():
                 host = "127.0.0.1" if workers == 1 or self._all_local() else host
@@ -328,18 +333,26 @@ class ShardedGradientStage(GradientStage):
         import ray
 
         out = ray.get([a.step.remote(ctx, grad, self.path, self.offsets) for a in self.actors])
-        fs = {f for f, _ in out}
+        fs = {o[0] for o in out}
         if len(fs) != 1:
             raise RuntimeError(f"the sharded gradient stage's ranks disagree on f: {sorted(fs)}")
-        self.pass_bytes.append(sum(n for _, n in out))
+        points = {o[2] for o in out}
+        if len(points) != 1:
+            raise RuntimeError(f"the sharded gradient stage's ranks disagree on the gradient point: "
+                               f"{sorted(points)}")
+        if out[0][2] != self.point:
+            log.info("frank_wolfe gradient stage (sharded): the gradient is taken at the %s model "
+                     "(rank 0: %s)", out[0][2], out[0][3])
+        self.point, self.point_reason = out[0][2], out[0][3]
+        self.pass_bytes.append(sum(o[1] for o in out))
         return out[0][0]
 
     def run(self, round: int, ctx: dict[str, Any]) -> dict[str, Any]:
         from distmerge.methods.frank_wolfe import GROUP
 
         f = self._step(ctx, True)
-        log.info("frank_wolfe gradient stage (sharded, %d ranks), iteration %d: f = %.6g, read %d "
-                 "pool bytes", self.world, round, f, self.pass_bytes[-1])
+        log.info("frank_wolfe gradient stage (sharded, %d ranks), iteration %d: f = %.6g at the %s "
+                 "model, read %d pool bytes", self.world, round, f, self.point, self.pass_bytes[-1])
         return {**ctx, GROUP: {**(ctx.get(GROUP) or {}), "objective_now": f}}
 
     def objective(self, ctx: dict[str, Any]) -> float:
@@ -360,12 +373,13 @@ class ShardedGradientStage(GradientStage):
 
 def make_stage(method: Any, *, base: ModelHeaders, experts: list[ModelHeaders], folder: str,
                storage: Any = None, memory: int = 0, workers: int = 1,
-               gpus_per_worker: float = 0) -> GradientStage:
-    """The gradient stage ``objective.gradient`` asks for (see :func:`choose`)."""
+               gpus_per_worker: float = 0, scoring: str | None = None) -> GradientStage:
+    """The gradient stage ``objective.gradient`` asks for (see :func:`choose`); ``scoring``:
+    the run's resolved ``objective.scoring`` (``sketch`` lets the stage keep θ̃^t)."""
     mode = choose(method.objective.get("gradient", "auto"), base, memory)
     if mode == "sharded":
         return ShardedGradientStage(method, base=base, experts=experts, folder=folder,
                                     storage=storage, memory=memory, workers=workers,
-                                    gpus_per_worker=gpus_per_worker)
+                                    gpus_per_worker=gpus_per_worker, scoring=scoring)
     return GradientStage(method, base=base, experts=experts, folder=folder, storage=storage,
-                         memory=memory)
+                         memory=memory, scoring=scoring)
