@@ -283,6 +283,7 @@ class QualityConfig:
     executor: str = "local"
     irrelevant_labels: tuple[str, ...] = IRRELEVANT_LABELS
     fw: dict[str, Any] = field(default_factory=dict)    # extra frank_wolfe parameters
+    fw_objective: dict[str, Any] = field(default_factory=dict)   # extra keys of the data objective
 
     def check(self) -> None:
         """Raises:
@@ -406,7 +407,9 @@ def combine(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             out["specs"] = [r["spec"] for r in same]
             out["val_mean"] = statistics.fmean(r["val_mean"] for r in same)
         if row.get("picked"):
-            out["picked"] = {k: sum(r["picked"][k] for r in same) for k in ("target", "irrelevant")}
+            out["picked"] = {k: sum(r["picked"][k] for r in same)
+                             for k in ("target", "irrelevant", "sketched", "certain")}
+            out["picked"]["scoring"] = row["picked"]["scoring"]
         rows.append(out)
     return {
         "config": first["config"], "seeds": [r["config"]["seed"] for r in per_seed],
@@ -434,7 +437,8 @@ def _specs(name: str, cfg: QualityConfig, targets: list[Path], val_files: list[P
         objective = {"kind": "data_free", "targets": [str(t) for t in targets]}
     else:
         objective = {"kind": "data", "model": "distmerge.quality:digits_model",
-                     "tasks": [{"data": str(f), "loss": "cross_entropy"} for f in val_files]}
+                     "tasks": [{"data": str(f), "loss": "cross_entropy"} for f in val_files],
+                     **cfg.fw_objective}
     init = {"init": "base"} if name.endswith("_init_base") else {}
     return [{"name": "frank_wolfe", **cfg.fw, **init, "objective": objective}]
 
@@ -445,16 +449,21 @@ def _fw_picks(folder: Path, pool: list[Path], targets: list[Path]) -> dict[str, 
     trace = folder / "frank_wolfe_trace.json"
     if not trace.exists():
         return None
-    its = json.loads(trace.read_text()).get("iterations", [])
+    data = json.loads(trace.read_text())
+    its = data.get("iterations", [])
     picks = []                        # granularity tensor: one pick per tensor and iteration
     for it in its:
         p = it.get("picked")
         picks += [p] if isinstance(p, str) else [p[k] for k in sorted(p)] if isinstance(p, dict) else []
     names = {str(p): p.name for p in pool}
     target_set = {str(t) for t in targets}
+    sketched = [it for it in its if it.get("scoring") == "sketch"]
     return {"target": sum(p in target_set for p in picks),
             "irrelevant": sum(p not in target_set for p in picks),
-            "sequence": [names.get(p, p) for p in picks]}
+            "sequence": [names.get(p, p) for p in picks],
+            "scoring": (data.get("scoring") or {}).get("scoring", "exact"),
+            # sketched iterations whose pick the stated error bound makes certain (margin ≥ 3σ)
+            "sketched": len(sketched), "certain": sum(bool(it.get("certain")) for it in sketched)}
 
 
 def _jsonable(value: Any) -> Any:
@@ -506,8 +515,11 @@ def render(results: dict[str, Any]) -> str:
                 f"{_mean(by[p], seeds):>{mw}}" if p in by else f"{'-':>{mw}}" for p in pools))
     for r in rows:
         if r.get("picked"):
+            p = r["picked"]
             lines.append(f"{r['method']} ({r['pool']} irrelevant): picked a target expert "
-                         f"{r['picked']['target']}x, an irrelevant one {r['picked']['irrelevant']}x")
+                         f"{p['target']}x, an irrelevant one {p['irrelevant']}x"
+                         + (f"; {p['sketched']} iterations scored from the sketch, {p['certain']} of "
+                            "them certain (margin ≥ 3σ)" if p.get("sketched") else ""))
     if results["skipped"]:
         lines.append(f"skipped: {', '.join(results['skipped'])} (frank_wolfe: {results['frank_wolfe']})")
     norms = results["task_vector_norms"]
@@ -555,6 +567,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fw-granularity", choices=["model", "tensor"],
                    help="frank_wolfe's granularity (default: the method's, model; the authors' "
                         "scripts pick per layer, i.e. tensor)")
+    p.add_argument("--fw-scoring", choices=["auto", "exact", "sketch"],
+                   help="the data objective's objective.scoring (default: the method's, auto: "
+                        "exact for these local files); sketch scores iterations after the first "
+                        "from a row-wise sketch of the pool")
+    p.add_argument("--fw-sketch-ratio", type=int, metavar="R",
+                   help="the data objective's objective.sketch_ratio (columns per sketch bucket; "
+                        "default: the method's, 16)")
     p.add_argument("--executor", choices=["local", "ray"], default=d.executor)
     p.add_argument("--workdir", metavar="DIR",
                    help="keep the models, validation sets and merges here (default: a temporary "
@@ -571,7 +590,10 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
                          ta_scale=args.ta_scale, ta_grid=tuple(args.ta_grid), executor=args.executor,
                          fw={k: v for k, v in (("step", args.fw_step), ("scale", args.fw_scale),
                                                 ("iterations", args.fw_iterations),
-                                                ("granularity", args.fw_granularity)) if v is not None})
+                                                ("granularity", args.fw_granularity)) if v is not None},
+                         fw_objective={k: v for k, v in (("scoring", args.fw_scoring),
+                                                          ("sketch_ratio", args.fw_sketch_ratio))
+                                       if v is not None})
 
 
 def run_quality(args: argparse.Namespace) -> int:

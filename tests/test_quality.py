@@ -209,3 +209,22 @@ def test_seeds_are_averaged_with_their_spread():
     text = q.render(out)
     assert "0.800 ±0.100" in text and "0.400 ±0.100" in text
     assert "target experts 1.50, irrelevant experts 5.00" in text
+
+
+def test_frank_wolfe_rows_can_score_from_a_sketch(tmp_path):
+    """``--fw-scoring sketch`` reaches the data objective: its trace says the iterations after
+    the first were scored from the sketch, and the row counts how many picks were certain."""
+    if not q.fw_available():
+        pytest.skip("frank_wolfe is not in this build")
+    report = tmp_path / "quality.json"
+    assert main(["-q", "bench", "quality", "--pretrain-epochs", "2", "--finetune-epochs", "1",
+                 "--pool-sizes", "1", "--seeds", "0", "--methods", "frank_wolfe_data",
+                 "--fw-iterations", "3", "--fw-scoring", "sketch", "--fw-sketch-ratio", "4",
+                 "--json", str(report)]) == 0
+    rows = [r for r in json.loads(report.read_text())["rows"] if r["method"] == "frank_wolfe_data"]
+    assert len(rows) == 1
+    picked = rows[0]["picked"]
+    assert picked["scoring"] == "sketch"
+    assert picked["sketched"] == 2                      # iteration 0 is exact, 1 and 2 sketched
+    assert 0 <= picked["certain"] <= picked["sketched"]
+    assert picked["target"] + picked["irrelevant"] == 3          # one pick per iteration
