@@ -52,7 +52,10 @@ executor, version, ray_session]           ``SessionName``, empty without Ray)
 ``distmerge_slice_failures_total``        slice attempts that failed (retried or not)
 [pass]
 ``distmerge_slice_retries_total`` [pass]  failed attempts tried again
-``distmerge_read_bytes_total`` [source]   tensor bytes read from ``base``, ``expert0``..
+``distmerge_read_bytes_total`` [source]   tensor bytes read from storage, by ``base``,
+                                          ``expert0``.. (``extra0``..: a method's own source,
+                                          e.g. frank_wolfe's gradient; blocks a worker kept
+                                          in memory between passes are not counted)
 ``distmerge_source_info`` [source, host]  1; where each source is (URL host, bucket, ``local``)
 ``distmerge_written_bytes_total``         tensor bytes written
 ``distmerge_worker_slices_done_total``    slices finished by each worker
@@ -291,13 +294,17 @@ class RunEvents:
             self._bar = tqdm(total=total, desc=label, unit="slice", leave=True)
 
     def slice_done(self, report: "Report", read_by_source: Iterable[int] | None = None) -> None:
-        """A slice finished. ``read_by_source``: its bytes read from each source (base first);
-        without it, all of ``report.bytes_read`` counts as the base's."""
+        """A slice finished. ``read_by_source``: its bytes read from storage from each source
+        (base first, then the experts, then sources a method adds, e.g. frank_wolfe's gradient,
+        counted as ``extra0``...); without it, all of ``report.bytes_read`` counts as the
+        base's."""
         m, run = self.metrics, self.run
         m.slices_done.labels(run, self._pass or "").inc()
         split = list(read_by_source) if read_by_source is not None else [report.bytes_read]
-        for name, n in zip(self._sources or ["base"], split):
+        names = self._sources or ["base"]
+        for i, n in enumerate(split):
             if n:
+                name = names[i] if i < len(names) else f"extra{i - len(names)}"
                 m.read_bytes.labels(run, name).inc(n)
         m.written_bytes.labels(run).inc(report.bytes_written)
         worker = report.worker or "unknown"

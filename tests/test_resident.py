@@ -86,3 +86,33 @@ def test_a_budget_smaller_than_the_inputs_keeps_what_fits(tmp_path, tiny_models,
 def test_local_files_are_left_to_the_page_cache(tmp_path):
     assert WORTH_KEEPING("s3://bucket/expert") and WORTH_KEEPING("hf://org/expert")
     assert not WORTH_KEEPING(str(tmp_path)) and not WORTH_KEEPING(f"file://{tmp_path}")
+
+
+def test_bytes_read_by_source_count_storage_reads_only(tmp_path, tiny_models, monkeypatch):
+    """The per-source read figures (the ``distmerge_read_bytes_total`` metric) come from what
+    the workers read from storage: with the inputs kept between passes, the three passes of
+    TIES count each source's bytes once, and every slice's split adds up to its bytes read."""
+    from distmerge.metrics import RunEvents
+
+    seen = []
+    real = RunEvents.slice_done
+
+    def spy(self, report, read_by_source=None):
+        seen.append((report.bytes_read, list(read_by_source or [])))
+        return real(self, report, read_by_source)
+
+    monkeypatch.setattr(RunEvents, "slice_done", spy)
+    one_pass, _ = _run(tmp_path / "ta", tiny_models, "local", method={"name": "task_arithmetic"})
+    one = [0] * len(seen[0][1])
+    for _, split in seen:
+        one = [a + b for a, b in zip(one, split)]
+    seen.clear()
+    kept, _ = _run(tmp_path / "kept", tiny_models, "local", method=TIES,
+                   resources={"workers": 1, "memory_per_worker": "2GB", "slice_size": "4KB"})
+    assert all(sum(split) == n for n, split in seen)
+    total = [0] * len(one)
+    for _, split in seen:
+        total = [a + b for a, b in zip(total, split)]
+    assert kept.passes == 3
+    assert total == one and sum(one) == one_pass.bytes_read == kept.bytes_read
+    assert len(set(one)) == 1 and one[0] > 0                 # same shapes and dtypes

@@ -436,24 +436,7 @@ class Run:
         self.peak_rss[report.worker] = max(self.peak_rss.get(report.worker, 0), report.peak_rss)
         for k, v in report.seconds.items():
             self.worker_seconds[k] = self.worker_seconds.get(k, 0.0) + v
-        self.events.slice_done(report, self._read_by_source(task))
-
-    def _read_by_source(self, task: Task) -> list[int]:
-        """Bytes of each model (base first) a worker reads for ``task``, as
-        :meth:`SliceWorker.process` reads them: every model's rows of each piece, skipping in a
-        statistics round the tensors without statistics in it (for the metrics by source)."""
-        assert self.plan is not None and self.validated is not None
-        models = [self.validated.base, *self.validated.experts]
-        ms = self.validated.methods
-        out = [0] * len(models)
-        for p in task.slice.pieces:
-            tp = self.plan.tensors[p.tensor]
-            if task.round is not None and (not tp.merged or task.round >= ms.for_tensor(p.tensor).rounds):
-                continue
-            for i, m in enumerate(models):
-                info = m.tensors[p.tensor][1]
-                out[i] += info.nbytes // tp.rows * (p.row_stop - p.row_start)
-        return out
+        self.events.slice_done(report, report.read_by_source or None)
 
     def _on_retry(self, task: Task, error: BaseException) -> None:
         self.retries += 1

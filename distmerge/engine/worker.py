@@ -78,6 +78,7 @@ class Report:
     stats: dict[str, np.ndarray] = field(default_factory=dict)     # merge pass: exact ints
     receipt: dict | None = None           # what the sink returned for the slice's write
     bytes_read: int = 0
+    read_by_source: list[int] = field(default_factory=list)   # bytes_read split by source index
     bytes_written: int = 0
     seconds: dict[str, float] = field(default_factory=dict)   # read, compute, write
     peak_rss: int = 0
@@ -159,9 +160,9 @@ class SliceWorker:
         return fp32[:elements]
 
     def _read(self, tensor: str, r0: int, r1: int, which: range | None = None
-              ) -> tuple[list[torch.Tensor], int]:
+              ) -> tuple[list[torch.Tensor], dict[int, int]]:
         """Rows ``r0..r1`` of ``tensor`` in every source (or in the sources ``which``), and how
-        many bytes of them came from storage (not from blocks kept in memory)."""
+        many bytes of them came from storage (not from blocks kept in memory), by source."""
         reader = self.reader              # this slice's thread's buffers, one slot per model
         uploaded = getattr(self._local, "uploaded", None)
         if uploaded is not None:          # the last block's copies to the GPU left the buffers
@@ -178,8 +179,9 @@ class SliceWorker:
             if keep:
                 self._resident[key] = rows
             return rows, rows.numel() * rows.element_size()
-        got = list(self.pool.map(one, range(len(self.job.sources)) if which is None else which))
-        return [rows for rows, _ in got], sum(n for _, n in got)
+        which = range(len(self.job.sources)) if which is None else which
+        got = list(self.pool.map(one, which))
+        return [rows for rows, _ in got], {i: n for i, (_, n) in zip(which, got)}
 
     def _reserve(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more input bytes may be kept resident (and count them if so).
@@ -273,7 +275,11 @@ class SliceWorker:
             t0 = time.perf_counter()
             raws, from_storage = self._read(piece.tensor, piece.row_start, piece.row_stop,
                                             range(n_pool, len(self.job.sources)) if only_extras else None)
-            rep.bytes_read += from_storage
+            if not rep.read_by_source:
+                rep.read_by_source = [0] * len(self.job.sources)
+            for i, n in from_storage.items():
+                rep.read_by_source[i] += n
+                rep.bytes_read += n
             t1 = time.perf_counter()
             t_read += t1 - t0
             row_bytes = (tp.stop - tp.start) // tp.rows if tp.rows else 0
