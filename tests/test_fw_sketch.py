@@ -157,6 +157,7 @@ def test_auto_chooses_by_the_bytes_a_score_round_would_reread():
     ties = choose_scoring("auto", remote_bytes=pool, resident_budget=kept, **{**common, "applicable": "ties"})
     assert ties.scoring == "exact"
     assert small.rel_error == (np.sqrt(2 / 16), np.sqrt(2 / 16))
+    assert small.tensor_error == (np.sqrt(2 / (16 * 64)), np.sqrt(2 / 16))   # q·rows: 1024 and 16
 
 
 # -- end to end -----------------------------------------------------------------------------------

@@ -192,10 +192,12 @@ class Selection:
                            remote_bytes=sum(nbytes(models[i]) for i in remote), resident_budget=budget)
         log.info("frank_wolfe scoring: %s (asked: %s; %s): an exact score round reads %d pool bytes, "
                  "%d of them from storage beyond the workers' resident budget of %d bytes, every "
-                 "iteration; a sketch keeps %d bytes (sketch_ratio %d), expected error per score "
-                 "sqrt(2/q) = %.3g (widest tensors) to %.3g (narrowest) of ‖∇f‖‖x‖", c.scoring,
-                 c.requested, c.reason, c.pool_bytes, c.reread_bytes, c.resident_budget,
-                 c.sketch_bytes, c.ratio, *c.rel_error)
+                 "iteration; a sketch keeps %d bytes (sketch_ratio %d), error per score at most "
+                 "sqrt(2/q) = %.3g (widest tensors) to %.3g (narrowest) of ‖∇f‖‖x‖ per row, "
+                 "about sqrt(2/(q·rows)) = %.3g (largest tensor) to %.3g (smallest) of a "
+                 "tensor's ‖∇f‖‖x‖ when its rows carry even norms; each score's own bound is in "
+                 "the trace", c.scoring, c.requested, c.reason, c.pool_bytes, c.reread_bytes,
+                 c.resident_budget, c.sketch_bytes, c.ratio, *c.rel_error, *c.tensor_error)
         return c
 
     def resident_sources(self, remote: tuple[int, ...]) -> tuple[int, ...]:

@@ -221,13 +221,16 @@ class ScoringChoice:
     resident_budget: int        # what the workers may keep, all of them together
     sketch_bytes: int           # what the sketch keeps
     rel_error: tuple[float, float]   # sqrt(2/q): the widest tensors' to the narrowest's
+    # sqrt(2/(q·rows)): a whole tensor's, when its rows carry even norms (largest to smallest)
+    tensor_error: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "scoring": self.scoring, "reason": self.reason,
                 "sketch_ratio": self.ratio, "reread_bytes_per_iteration": self.reread_bytes,
                 "pool_bytes": self.pool_bytes, "remote_pool_bytes": self.remote_bytes,
                 "resident_budget_bytes": self.resident_budget, "sketch_bytes": self.sketch_bytes,
-                "relative_error": list(self.rel_error)}
+                "relative_error": list(self.rel_error),
+                "tensor_relative_error_even_rows": list(self.tensor_error)}
 
 
 def rows_cols(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -254,6 +257,8 @@ def choose_scoring(requested: str, *, applicable: str | None, ratio: int, shapes
     ``applicable``: None when sketching can serve this run, else why not (then always exact)."""
     qs = [buckets(rows_cols(s)[1], ratio) for s in shapes if rows_cols(s)[0]] or [1]
     rel = (math.sqrt(2 / max(qs)), math.sqrt(2 / min(qs)))
+    features = [buckets(rows_cols(s)[1], ratio) * rows_cols(s)[0] for s in shapes if rows_cols(s)[0]] or [1]
+    whole = (math.sqrt(2 / max(features)), math.sqrt(2 / min(features)))
     kept = sketch_bytes_for(shapes, n, ratio)
     reread = max(0, remote_bytes - resident_budget)
     if applicable is not None:
@@ -269,4 +274,5 @@ def choose_scoring(requested: str, *, applicable: str | None, ratio: int, shapes
         scoring, reason = "sketch", "re-reading reads non-resident pool bytes every iteration; the sketch fits"
     return ScoringChoice(requested=requested, scoring=scoring, reason=reason, ratio=ratio,
                          reread_bytes=reread, pool_bytes=pool_bytes, remote_bytes=remote_bytes,
-                         resident_budget=resident_budget, sketch_bytes=kept, rel_error=rel)
+                         resident_budget=resident_budget, sketch_bytes=kept, rel_error=rel,
+                         tensor_error=whole)
