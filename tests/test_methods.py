@@ -225,3 +225,35 @@ def test_override_density_forms_its_own_group():
 def test_bad_parameters_name_the_key(params, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build("ties", params)
+
+
+def test_task_vectors_in_place_only_in_a_scratch_copy():
+    """``task_vectors_`` gives task_vectors' values; it overwrites the experts only when the
+    block says they are the caller's scratch copy (the worker's per-chunk workspace), and
+    task_arithmetic and ties merge a scratch block to the same bytes as a kept one."""
+    from distmerge.methods.base import Block, task_vectors, task_vectors_
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(4, 8, generator=g)
+    experts = torch.randn(3, 4, 8, generator=g)
+
+    def block(scratch: bool) -> Block:
+        return Block(name="w", base=base.clone(), experts=experts.clone(), weights=(1.0, 0.5, 2.0),
+                     row_start=0, scratch=scratch)
+
+    kept, scratch = block(False), block(True)
+    want = task_vectors(kept)
+    got_kept, got_scratch = task_vectors_(kept), task_vectors_(scratch)
+    assert torch.equal(got_kept, want) and torch.equal(got_scratch, want)
+    assert torch.equal(kept.experts, experts)                          # untouched
+    assert got_scratch.data_ptr() == scratch.experts.data_ptr()        # in place
+    assert torch.equal(scratch.base, base)
+    for name, params in (("task_arithmetic", {"scale": 0.7}),
+                         ("ties", {"density": 0.5, "scope": "tensor"})):
+        m = build(name, params).default
+        ctx: dict = {}
+        for r in range(m.rounds):
+            ctx = m.reduce(r, m.stats(r, block(False), ctx), ctx)
+        a = m.merge(block(False), ctx)
+        b = m.merge(block(True), ctx)
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
