@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from distmerge.checkpoint.source import INDEX_NAME, is_local, local_path
+from distmerge.checkpoint.writer import COPIED_SUFFIXES
 from distmerge.errors import ConfigError, SourceNotFoundError, UnsafeCheckpointError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,6 @@ DEFAULT_CACHE_NAME = ".distmerge-inputs"
 SHARD_BYTES = 2 * 10**9                  # staged shard size (inputs are read by ranges anyway)
 MODEL_STATES = "_model_states.pt"
 OPTIM_STATES = "_optim_states.pt"
-SIDE_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")   # as writer.copy_side_files
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +164,7 @@ def inspect_checkpoint(path: str, tag: str | None = None) -> ZeroCheckpoint:
              for n in sorted(os.listdir(folder)) if os.path.isfile(os.path.join(folder, n))}
     for n in sorted(os.listdir(root)):
         p = os.path.join(root, n)
-        if n.endswith(SIDE_SUFFIXES) and os.path.isfile(p):
+        if n.endswith(COPIED_SUFFIXES) and os.path.isfile(p):
             files[n] = _fingerprint(p)
     return ZeroCheckpoint(path=path, real=os.path.realpath(root), tag=tag, files=files)
 

@@ -414,8 +414,7 @@ class Run:
         rounds = self.validated.methods.rounds
         good, bad = self.output.check_slices(self.plan, self._claimed)
         self.checksums.update(good)
-        recorded = getattr(self.output, "recorded_stats", {})
-        self.merge_stats.update({i: recorded.get(i, {}) for i in good})
+        self.merge_stats.update({i: self.output.recorded_stats.get(i, {}) for i in good})
         self.recorded = self.resumed_slices = len(good)
         self.redone_slices = len(bad)
         if bad:

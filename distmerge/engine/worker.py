@@ -252,7 +252,8 @@ class SliceWorker:
 
     def _process(self, task: Task, ctx: dict[str, Any]) -> Report:
         s = task.slice
-        rep = Report(slice=s.index, round=task.round, worker=self.worker_id)
+        rep = Report(slice=s.index, round=task.round, worker=self.worker_id,
+                     read_by_source=[0] * len(self.job.sources))
         t_read = t_compute = t_write = 0.0
         cuda = self.device.type == "cuda"
         out = (torch.empty(s.nbytes, dtype=torch.uint8, pin_memory=cuda)
@@ -265,21 +266,17 @@ class SliceWorker:
                 continue
             mode = method.derivative(task.round, ctx) if task.round is not None and tp.merged else None
             n_pool = 1 + len(self.job.weights)               # base and experts; then the extras
-            only_extras = False
-            if mode == "use":                                # kept derivatives replace the pool
-                info = self.job.sources[0][piece.tensor][1]
-                rows = piece.row_stop - piece.row_start
-                chunks = self._chunks(rows, info.numel // info.rows if info.rows else 0, True)
-                only_extras = all((piece.tensor, piece.row_start + a, piece.row_start + b) in self._derived
-                                  for a, b in chunks)
+            info = self.job.sources[0][piece.tensor][1]
+            chunks = self._chunks(piece.row_stop - piece.row_start,
+                                  info.numel // info.rows if info.rows else 0, task.round is not None)
+            # kept derivatives of every chunk replace the pool: read only the extra sources
+            only_extras = mode == "use" and all(
+                (piece.tensor, piece.row_start + a, piece.row_start + b) in self._derived for a, b in chunks)
             t0 = time.perf_counter()
             raws, from_storage = self._read(piece.tensor, piece.row_start, piece.row_stop,
                                             range(n_pool, len(self.job.sources)) if only_extras else None)
-            if not rep.read_by_source:
-                rep.read_by_source = [0] * len(self.job.sources)
             for i, n in from_storage.items():
                 rep.read_by_source[i] += n
-                rep.bytes_read += n
             t1 = time.perf_counter()
             t_read += t1 - t0
             row_bytes = (tp.stop - tp.start) // tp.rows if tp.rows else 0
@@ -289,9 +286,9 @@ class SliceWorker:
                 out.numpy()[at:at + len(data)] = data
                 t_compute += time.perf_counter() - t1
                 continue
-            rows, cols = raws[0].shape
+            cols = raws[0].shape[1]
             raws = self._upload(raws)
-            for r0, r1 in self._chunks(rows, cols, task.round is not None):
+            for r0, r1 in chunks:
                 fp32 = self._workspace(len(raws) * (r1 - r0) * cols).view(len(raws), r1 - r0, cols)
                 for t, r in enumerate(raws):
                     fp32[t].copy_(r[r0:r1])
@@ -347,6 +344,7 @@ class SliceWorker:
             rep.bytes_written = s.nbytes
             t_write = time.perf_counter() - t0
         rep.partial = partial
+        rep.bytes_read = sum(rep.read_by_source)
         rep.seconds = {"read": t_read, "compute": t_compute, "write": t_write}
         rep.peak_rss = peak_rss_bytes()
         return rep

@@ -52,7 +52,7 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import Block, Method, Partial, weighted_sum
-from distmerge.methods.ties import Ties
+from distmerge.methods.ties import ExactSignTies, Ties
 from distmerge.reduce import abs_bits, bits_to_float, exact_value, histogram16, row_sums, select_bucket
 from distmerge.select.frank_wolfe import GroupScores, Params, fw_pick, fw_step, initial_coefficients
 from distmerge.select.gram import block_gram, cross_products, exact_sums, pairs, unpack
@@ -247,7 +247,7 @@ class FrankWolfe(Method):
         """The initial merge of the pool (init: merge, local_merge: ties): TIES, model scope,
         with its sign round (init_sign): its merge runs inside statistics rounds, where a
         speculated majority could not be merged again."""
-        return Ties(density=self.density, scope="model", scale=self.scale).unspeculative()
+        return ExactSignTies(density=self.density, scope="model", scale=self.scale)
 
     # -- statistics --------------------------------------------------------------------------
     def stats(self, round: int, block: Block, ctx: dict[str, Any]) -> Partial:

@@ -31,6 +31,7 @@ of 3. A ties used by another method that calls its ``merge`` inside a statistics
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -86,7 +87,7 @@ class Ties(Method):
         return 3 if self.scope == "model" and not self.speculates else 2
 
     def unspeculative(self) -> "Ties":
-        return ExactSignTies(density=self.density, scope=self.scope, scale=self.scale)
+        return ExactSignTies(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def group(self, tensor: str) -> str:
         if self.scope == "tensor":
@@ -190,6 +191,8 @@ class Ties(Method):
         g = self.group(block.name)
         c = ctx[g]
         trimmed, total = self._trim_elect(block, c)
+        # also after settle (guess False): a slice merged again records its sign count too,
+        # which a resume sums into the model-wide majority
         counted = self._speculative and c.get("guess") is not None
         # positions the majority decides: Σ_t w_t τ̂_t = 0 while some τ̂_t ≠ 0
         by_merged = counted and _decided_where_merged_nonzero(c["threshold"], block.weights)
