@@ -88,31 +88,56 @@ def bits_to_float(bits: int) -> float:
 
 
 def exact_sum(values: np.ndarray | torch.Tensor) -> int:
-    """Σ values, exactly, as an integer multiple of 2**-EXACT_SCALE (vectorised: each value is
-    split into its exponent and two 27-bit halves of its mantissa, whose per-exponent sums
-    fp64 holds exactly for up to 2**26 values).
+    """Σ values, exactly, as an integer multiple of 2**-EXACT_SCALE (each value is split into
+    its exponent and two 27-bit halves of its mantissa, whose per-exponent sums fp64 holds
+    exactly for up to 2**26 values; :func:`exact_sums` with one row).
 
     Raises:
         ValueError: a value is NaN or infinite.
     """
     v = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values,
-                   dtype=np.float64).reshape(-1)
-    if v.size == 0:
-        return 0
+                   dtype=np.float64).reshape(1, -1)
+    return int(exact_sums(v)[0])
+
+
+# Per exponent bin, fp64 holds the sum of this many 27-bit halves exactly.
+_MAX_ROWS = 1 << 26
+
+
+def exact_sums(v: np.ndarray) -> np.ndarray:
+    """Σ over the last axis of ``v`` for every leading index, each exactly, as Python ints
+    (multiples of 2**-EXACT_SCALE; :func:`exact_sum` is the one-row form).  [P, R] fp64 → object [P]
+
+    Raises:
+        ValueError: a value is NaN or infinite.
+    """
+    v = np.asarray(v, dtype=np.float64)
+    P, R = v.shape
+    out = np.empty(P, dtype=object)
+    out[:] = [0] * P
+    if R == 0 or P == 0:
+        return out
     if not np.isfinite(v).all():
-        raise ValueError("exact_sum of a non-finite value")
-    total = 0
-    for start in range(0, v.size, 1 << 26):
-        part = v[start:start + (1 << 26)]
-        mant, exp = np.frexp(part)                       # part = mant · 2**exp, |mant| in [.5, 1)
-        m = (mant * (1 << 53)).astype(np.int64)          # exact: 53-bit integer mantissas
+        raise ValueError("an exact sum of a non-finite value")
+    for start in range(0, R, _MAX_ROWS):
+        part = v[:, start:start + _MAX_ROWS]
+        mant, exp = np.frexp(part)
+        m = (mant * (1 << 53)).astype(np.int64)                  # exact 53-bit mantissas
         hi, lo = m >> 27, m & ((1 << 27) - 1)
         exps, inv = np.unique(exp, return_inverse=True)
-        sum_hi = np.bincount(inv, weights=hi.astype(np.float64))
-        sum_lo = np.bincount(inv, weights=lo.astype(np.float64))
-        for e, sh, sl in zip(exps.tolist(), sum_hi.tolist(), sum_lo.tolist()):
-            total += ((int(sh) << 27) + int(sl)) << (e - 53 + EXACT_SCALE)
-    return total
+        E = len(exps)
+        key = (np.arange(P)[:, None] * E + inv.reshape(part.shape)).ravel()
+        sh = np.bincount(key, weights=hi.ravel().astype(np.float64), minlength=P * E).reshape(P, E)
+        sl = np.bincount(key, weights=lo.ravel().astype(np.float64), minlength=P * E).reshape(P, E)
+        shifts = [int(e) - 53 + EXACT_SCALE for e in exps.tolist()]
+        sh_l, sl_l = sh.tolist(), sl.tolist()
+        for p in range(P):
+            total = 0
+            for e in range(E):
+                if sh_l[p][e] or sl_l[p][e]:
+                    total += ((int(sh_l[p][e]) << 27) + int(sl_l[p][e])) << shifts[e]
+            out[p] += total
+    return out
 
 
 def exact_value(total: int) -> float:

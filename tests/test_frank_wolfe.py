@@ -444,6 +444,16 @@ def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granulari
             cos = [float(torch.nn.functional.cosine_similarity(grads[k].flatten(), e[k].flatten(), dim=0))
                    for e in pool[1:]]
             assert first["picked"][k] == str(models[1 + int(np.argmin(cos))]), k
+    # iteration 0's FW gap: Σ ⟨∇f, θ^0 − θ₀⟩ − min over the inner-score vertex of ⟨∇f, τ_v⟩
+    # (per tensor for tensor granularity): it decides which tensors are held
+    taus = [{k: e[k] - pool[0][k] for k in floats} for e in pool[1:]]
+    shift = {k: theta[k].detach() - pool[0][k] for k in floats}
+    dot = lambda k, x: float((grads[k].double() * x.double()).sum())           # noqa: E731
+    if granularity == "model":
+        gap = sum(dot(k, shift[k]) for k in floats) - min(sum(dot(k, tau[k]) for k in floats) for tau in taus)
+    else:
+        gap = sum(dot(k, shift[k]) - min(dot(k, tau[k]) for tau in taus) for k in floats)
+    assert first["fw_gap"] == pytest.approx(gap, rel=1e-4, abs=1e-7)
     assert len(a["gradient_stage_bytes_read"]) == 4         # 3 iterations + the final objective
     assert len(a["stats_pass_bytes_read"]) == (9 if ties else 3) and min(a["stats_pass_bytes_read"]) > 0
     if ties:

@@ -255,7 +255,8 @@ class FrankWolfe(Method):
         pool = block.experts[:n]                                             # [n, rows, cols]
         state = ctx.get(GROUP) or {}
         phase, t = self.phase(round)
-        x = torch.cat([block.base.unsqueeze(0), pool - block.base.unsqueeze(0)])  # [n + 1, rows, cols]
+        if phase in ("gram", "score"):
+            x = torch.cat([block.base.unsqueeze(0), pool - block.base.unsqueeze(0)])  # [n + 1, rows, cols]
         out: Partial = {}
         if phase == "gram":
             out[key_of(block.name)] = block_gram(x)
@@ -273,6 +274,8 @@ class FrankWolfe(Method):
                 delta = self._theta(block, state, t) - block.base
                 x = torch.cat([x, delta.unsqueeze(0)])                       # [n + 2, rows, cols]
             prods = cross_products(grad, x)                                  # [len(x) + 1]
+            if t > 0:                              # ‖θ_j‖² do not change: the driver kept them
+                return {key_of(block.name): prods}
             p64 = pool.double()
             norms = exact_sums(row_sums(p64 * p64).reshape(n, -1).cpu().numpy())  # [n] ‖θ_j‖² of these rows
             return {key_of(block.name): np.concatenate([prods, norms])}
@@ -373,10 +376,13 @@ class FrankWolfe(Method):
                 targets = self.targets if self.targets is not None else tuple(range(n))
                 fg, groups[name] = data_free_at(np.asarray(state["grams"][name]), vals, targets)
                 f += fg
-            else:
-                n = (len(vals) - 3) // 2                # [gθ₀, gτ_1..gτ_n, gD, gg, ‖θ_1‖²..‖θ_n‖²]
+            else:                                   # [gθ₀, gτ_1..gτ_n, gD, gg, (t = 0: ‖θ_1‖²..‖θ_n‖²)]
+                n = (len(vals) - 3) // 2 if t == 0 else len(vals) - 3
+                if t == 0:
+                    state["weight_sq"] = {**state.get("weight_sq", {}), name: vals[n + 3:].tolist()}
                 groups[name] = GroupScores(inner=vals[1:n + 1], grad_base=float(vals[0]),
-                                           grad_sq=float(vals[n + 2]), weight_sq=vals[n + 3:],
+                                           grad_sq=float(vals[n + 2]),
+                                           weight_sq=np.asarray(state["weight_sq"][name], dtype=np.float64),
                                            grad_delta=float(vals[n + 1]))
         if self.kind == "data":
             f = float(state.get("objective_now", float("nan")))
@@ -418,7 +424,7 @@ class FrankWolfe(Method):
         scoring = state.get("scoring")                   # set by the run (select.pool.Selection)
         sketched = scoring == "sketch" and round >= 1
         variances: dict[str, np.ndarray] | None = {} if sketched else None
-        weight_sq = {}
+        weight_sq = dict(state.get("weight_sq", {}))     # ‖θ_j‖²: exact, from the first round
         for k, arr in totals.items():
             vals = np.array([exact_value(int(v)) for v in arr], dtype=np.float64)
             name = tensor_of(k)
@@ -426,14 +432,14 @@ class FrankWolfe(Method):
                 n = (len(vals) - 3) // 3
                 groups[name] = GroupScores(inner=vals[1:n + 1], grad_base=float(vals[0]),
                                            grad_sq=float(vals[n + 1]),
-                                           weight_sq=np.asarray(state["weight_sq"][name], dtype=np.float64))
+                                           weight_sq=np.asarray(weight_sq[name], dtype=np.float64))
                 variances[name] = vals[n + 2:]
-            else:                                  # [⟨g,θ₀⟩, ⟨g,τ_j⟩.., ‖g‖², ‖θ_j‖²..]
-                n = (len(vals) - 2) // 2
-                groups[name] = scores_from_products(vals[:n + 2], vals[n + 2:])
-                weight_sq[name] = vals[n + 2:].tolist()
-        if scoring == "sketch" and not sketched:         # exact ‖θ_j‖², for the sketched cosines
-            state["weight_sq"] = weight_sq
+            else:                                  # [⟨g,θ₀⟩, ⟨g,τ_j⟩.., ‖g‖², (round 0: ‖θ_j‖²..)]
+                n = (len(vals) - 2) // 2 if round == 0 else len(vals) - 2
+                if round == 0:
+                    weight_sq[name] = vals[n + 2:].tolist()
+                groups[name] = scores_from_products(vals[:n + 2], np.asarray(weight_sq[name], dtype=np.float64))
+        state["weight_sq"] = weight_sq
         if "coefficients" not in state:
             state.update(initial_state(self, names, n))
         coeffs = {k: np.asarray(v, dtype=np.float64) for k, v in state["coefficients"].items()}

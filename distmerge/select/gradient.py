@@ -169,6 +169,7 @@ class ThetaAndLoss:
         self.pool_fp32 = fp32 if pool_bytes is None else pool_bytes
         self.resident = memory <= 0 or self.pool_fp32 <= memory
         self._pool: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._model: torch.nn.Module | None = None       # the factory's module (loss_and_grad)
         self.pass_bytes: list[int] = []
         #: one fp32 copy of the model (of this process's rows): what θ̃^t keeps
         self.model_fp32 = self.pool_fp32 // (len(experts) + 1)
@@ -370,9 +371,12 @@ class ThetaAndLoss:
 
     def loss_and_grad(self, theta: dict[str, torch.Tensor], *, grad: bool = True
                       ) -> tuple[float, dict[str, torch.Tensor]]:
-        """f(θ) and ∇f(θ) (float tensors; zeros for the others)."""
-        model = self.factory()
-        model.eval()
+        """f(θ) and ∇f(θ) (float tensors; zeros for the others). The factory's module is built
+        once: ``functional_call`` runs it with θ's tensors in place of its own."""
+        if self._model is None:
+            self._model = self.factory()
+            self._model.eval()
+        model = self._model
         params = {n: (t.detach().clone().requires_grad_(grad) if t.is_floating_point() else t)
                   for n, t in theta.items()}
         total = self.forward_sum(lambda xb: torch.func.functional_call(model, params, (xb,)), grad=grad)

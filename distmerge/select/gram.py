@@ -14,47 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmerge.reduce import EXACT_SCALE, exact_value, row_sums
-
-# Per exponent bin, fp64 holds the sum of this many 27-bit halves exactly.
-_MAX_ROWS = 1 << 26
-
-
-def exact_sums(v: np.ndarray) -> np.ndarray:
-    """Σ over the last axis of ``v`` for every leading index, each exactly, as Python ints
-    (the batched form of :func:`distmerge.reduce.exact_sum`).  [P, R] fp64 → object [P]
-
-    Raises:
-        ValueError: a value is NaN or infinite.
-    """
-    v = np.asarray(v, dtype=np.float64)
-    P, R = v.shape
-    out = np.empty(P, dtype=object)
-    out[:] = [0] * P
-    if R == 0 or P == 0:
-        return out
-    if not np.isfinite(v).all():
-        raise ValueError("an inner product of non-finite values")
-    for start in range(0, R, _MAX_ROWS):
-        part = v[:, start:start + _MAX_ROWS]
-        mant, exp = np.frexp(part)
-        m = (mant * (1 << 53)).astype(np.int64)                  # exact 53-bit mantissas
-        hi, lo = m >> 27, m & ((1 << 27) - 1)
-        exps, inv = np.unique(exp, return_inverse=True)
-        E = len(exps)
-        key = (np.arange(P)[:, None] * E + inv.reshape(part.shape)).ravel()
-        sh = np.bincount(key, weights=hi.ravel().astype(np.float64), minlength=P * E).reshape(P, E)
-        sl = np.bincount(key, weights=lo.ravel().astype(np.float64), minlength=P * E).reshape(P, E)
-        shifts = [int(e) - 53 + EXACT_SCALE for e in exps.tolist()]
-        sh_l, sl_l = sh.tolist(), sl.tolist()
-        for p in range(P):
-            total = 0
-            for e in range(E):
-                if sh_l[p][e] or sl_l[p][e]:
-                    total += ((int(sh_l[p][e]) << 27) + int(sl_l[p][e])) << shifts[e]
-            out[p] += total
-    return out
-
+from distmerge.reduce import exact_sums, exact_value, row_sums
 
 def pairs(m: int) -> list[tuple[int, int]]:
     """The upper triangle (i ≤ j) of an m × m Gram matrix, row by row."""

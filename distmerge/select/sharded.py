@@ -68,8 +68,6 @@ log = logging.getLogger(__name__)
 #: pool tensors being merged (2, a rough allowance for modest batch sizes).
 FOOTPRINT = 4
 
-MODES = ("auto", "single", "sharded")
-
 
 def param_bytes(base: ModelHeaders) -> int:
     """fp32 bytes of the model's float tensors."""
