@@ -151,9 +151,11 @@ def build_header(entries: list[tuple[str, str, tuple[int, ...], int, int]],
     """Serialise a header (length prefix + JSON padded with spaces to 8 bytes).
 
     ``entries`` are ``(name, dtype, shape, begin, end)`` with offsets relative to the data
-    section, in the order they lie in the file.
+    section, in the order they lie in the file. ``metadata``: ``{"format": "pt"}`` when None;
+    an empty mapping writes no ``__metadata__`` (as ``safetensors.torch.save`` without it).
     """
-    obj: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    metadata = {"format": "pt"} if metadata is None else dict(metadata)
+    obj: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     for name, dtype, shape, begin, end in entries:
         obj[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")

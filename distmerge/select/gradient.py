@@ -397,7 +397,7 @@ class GradientStage(ThetaAndLoss):
         fp32 = self.pool_fp32
         os.makedirs(folder, exist_ok=True)
         self.path = os.path.join(folder, "model.safetensors")
-        self._write({n: torch.zeros(base.tensors[n][1].shape, dtype=torch.float32) for n in self.names})
+        self._create()
         self.headers = read_model_headers(folder)
         self._log_plan(fp32)
 
@@ -410,6 +410,10 @@ class GradientStage(ThetaAndLoss):
                      ": after the first iteration only the picked expert's tensors are read"
                      if point == "incremental" else " and are re-read every iteration"),
                  point, why)
+
+    def _create(self) -> None:
+        """The checkpoint, all zeros, in the layout :meth:`_write` rewrites every iteration."""
+        self._write({n: torch.zeros(self.base.tensors[n][1].shape, dtype=torch.float32) for n in self.names})
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write the checkpoint in place: the same file (inode) every iteration, because the

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from distmerge.checkpoint.header import FLOAT_DTYPES
+from distmerge.checkpoint.header import FLOAT_DTYPES, build_header
 from distmerge.checkpoint.source import ModelHeaders
 from distmerge.errors import ConfigError
 from distmerge.select.gradient import GradientStage, ThetaAndLoss
@@ -315,6 +315,23 @@ class ShardedGradientStage(GradientStage):
         self.backend = backends[0]
         log.info("frank_wolfe data objective: sharded gradient stage, %d %s ranks (FSDP2), "
                  "rendezvous %s:%d", workers, self.backend, host, port)
+
+    def _create(self) -> None:
+        """The checkpoint as a header and a sparse file of zeros: the ranks write their rows in
+        place at the header's offsets, so the driver never holds the model's gradient (the
+        stage exists for models that do not fit one process)."""
+        entries, off = [], 0
+        for name in self.names:
+            info = self.base.tensors[name][1]
+            nbytes = info.numel * 4
+            entries.append((name, "F32", tuple(info.shape), off, off + nbytes))
+            off += nbytes
+        header = build_header(entries, metadata={})     # the bytes save() writes (single stage)
+        with open(self.path, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + off)
+            f.flush()
+            os.fsync(f.fileno())
 
     def _all_local(self) -> bool:
         import ray
