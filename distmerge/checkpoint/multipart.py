@@ -109,7 +109,8 @@ class ShardUpload:
     key: str
     upload_id: str
     header: bytes              # written in front of part 1
-    starts: tuple[int, ...]    # byte offset of each part's slice: part k starts at starts[k-1]
+    parts: tuple[tuple[int, int], ...]   # (byte offset of a slice, its part number), from
+                                         # objectstore.part_map
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,8 +132,7 @@ class MultipartWriter:
 
     def __init__(self, spec: MultipartSink):
         self.spec = spec
-        self._by_url = {s.url: (s, {start: i + 1 for i, start in enumerate(s.starts)})
-                        for s in spec.shards}
+        self._by_url = {s.url: (s, dict(s.parts)) for s in spec.shards}
         self._store: Store | None = None
         self._lock = threading.Lock()
 
