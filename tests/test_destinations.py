@@ -345,6 +345,36 @@ def test_frank_wolfe_to_an_object_store_is_refused_before_work(tmp_path, s3, s3_
 
 # -- a local Hub -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("url, want", [
+    ("hf://org/repo", ("org/repo", None)), ("hf://org/repo@dev", ("org/repo", "dev")),
+    ("hf://org/repo/", ("org/repo", None)), ("hf://org/repo@", ("org/repo", None)),
+    ("hf://org/repo/sub", None), ("hf://org/repo@dev/sub", None), ("hf://org/repo@refs/pr/1", None),
+    ("hf://org", None), ("hf://org/@dev", None), ("hf://o@x/repo", None),
+    ("hf://datasets/org", None), ("hf://spaces/org", None)])
+def test_hub_destination_urls_are_parsed_or_refused(url, want):
+    from distmerge.checkpoint.hub import parse_hub_url
+
+    if want is None:
+        with pytest.raises(ConfigError, match="a Hub destination is hf://org/repo or hf://org/repo@branch"):
+            parse_hub_url(url)
+    else:
+        assert parse_hub_url(url) == want
+
+
+def test_input_hub_urls_name_their_repository_and_revision():
+    """The model card's base_model list and the revisions it resolves read input URLs (which
+    may name a file path) with the same parser as the destination."""
+    from distmerge.checkpoint.hub import split_hub_url
+    from distmerge.checkpoint.modelcard import hub_repo_of
+
+    ref = split_hub_url("hf://org/repo@v1.0/sub/dir")
+    assert (ref.repo, ref.revision, ref.path) == ("org/repo", "v1.0", "sub/dir")
+    assert split_hub_url("hf://org/repo/sub@x")[2:] == (None, "sub@x")
+    assert [hub_repo_of(u) for u in ["hf://org/repo", "hf://org/repo@main", "hf://org/repo/a/b",
+                                     "hf://org", "s3://org/repo", "/models/org/repo"]] == \
+        ["org/repo", "org/repo", "org/repo", None, None, None]
+
+
 HF_TOKEN = "hf_local_test_token_0123456789"
 HF_SOURCES = ["org/base", "org/e1", "org/e2", "org/e3"]
 
