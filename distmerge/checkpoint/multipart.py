@@ -142,9 +142,9 @@ class MultipartWriter:
         if part is None:
             raise MergeFailedError(f"{path}: no multipart part starts at byte {offset}; the "
                                    "plan and the upload disagree")
-        body = memoryview(data).cast("B").tobytes()
-        if part == 1:
-            body = shard.header + body
+        view = memoryview(data).cast("B")
+        # one copy of the slice's bytes; part 1 carries the shard's header in front
+        body = b"".join((shard.header, view)) if part == 1 else view.tobytes()
         if len(body) > MAX_PART:
             raise MergeFailedError(f"{path}: part {part} is {len(body)} bytes, over {MAX_PART}")
         with self._lock:
