@@ -262,6 +262,50 @@ def test_interrupted_s3_run_resumes_to_identical_bytes(tmp_path, s3, s3_models, 
     assert _keys(s3, "out/.resumed") == [] and _open_uploads(s3, "out/") == []
 
 
+def _staged_run(s3, name: str) -> tuple[dict, list[dict]]:
+    """The interrupted run's plan.json and its manifest records, read back from the staging prefix."""
+    c = s3.client()
+    keys = _keys(s3, f"out/.{name}")
+    state = json.loads(c.get_object(Bucket=BUCKET, Key=next(k for k in keys if k.endswith("/plan.json")))["Body"].read())
+    records = [json.loads(line) for k in keys if "/manifest-" in k
+               for line in c.get_object(Bucket=BUCKET, Key=k)["Body"].read().splitlines()]
+    return state, records
+
+
+@pytest.mark.parametrize("damage", ["changed_part", "aborted_upload"])
+def test_a_recorded_part_lost_after_the_crash_is_redone_on_resume(tmp_path, s3, s3_models, creds,
+                                                                  local_reference, damage):
+    """The store no longer holds a recorded slice's part as recorded (the part number uploaded
+    again with other bytes of the same size, or the shard's whole upload aborted): the resume
+    redoes that slice under the same part number, and the result is still the local merge."""
+    name = f"redo-{damage}"
+    pipe = _s3_pipeline(tmp_path, s3, s3_models, f"s3://{BUCKET}/out/{name}")
+    with pytest.raises(Crash):
+        run_pipeline(load_pipeline(pipe), executor=CrashesAfter(2), show_progress=False)
+    state, records = _staged_run(s3, name)
+    assert len({r["slice"] for r in records}) == 2
+    victim = records[0]
+    filename = state["shards"][victim["shard"]]
+    key, upload = f"out/{name}/{filename}", state["uploads"][filename]
+    c = s3.client()
+    listed = {p["PartNumber"]: p for p in c.list_parts(Bucket=BUCKET, Key=key, UploadId=upload)["Parts"]}
+    assert listed[victim["part"]]["ETag"] == victim["etag"]
+    if damage == "changed_part":
+        size = listed[victim["part"]]["Size"]
+        etag = c.upload_part(Bucket=BUCKET, Key=key, UploadId=upload, PartNumber=victim["part"],
+                             Body=b"\xa5" * size)["ETag"]
+        assert etag != victim["etag"]
+        lost = 1
+    else:
+        c.abort_multipart_upload(Bucket=BUCKET, Key=key, UploadId=upload)
+        lost = len({r["slice"] for r in records if r["shard"] == victim["shard"]})
+    summary = run_pipeline(load_pipeline(pipe), executor="local", show_progress=False, resume=True)
+    assert summary.resumed and summary.redone_slices == lost >= 1
+    assert summary.resumed_slices + summary.redone_slices == 2
+    assert _object_digests(s3, f"out/{name}") == sha256_tree(local_reference)
+    assert _keys(s3, f"out/.{name}") == [] and _open_uploads(s3, "out/") == []
+
+
 def test_overwrite_replaces_the_previous_checkpoint_only_at_publication(tmp_path, s3, s3_models, creds,
                                                                        local_reference):
     s3.put(BUCKET, "out/ow/model-00009-of-00009.safetensors", b"old shard")
@@ -300,6 +344,36 @@ def test_frank_wolfe_to_an_object_store_is_refused_before_work(tmp_path, s3, s3_
 
 
 # -- a local Hub -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url, want", [
+    ("hf://org/repo", ("org/repo", None)), ("hf://org/repo@dev", ("org/repo", "dev")),
+    ("hf://org/repo/", ("org/repo", None)), ("hf://org/repo@", ("org/repo", None)),
+    ("hf://org/repo/sub", None), ("hf://org/repo@dev/sub", None), ("hf://org/repo@refs/pr/1", None),
+    ("hf://org", None), ("hf://org/@dev", None), ("hf://o@x/repo", None),
+    ("hf://datasets/org", None), ("hf://spaces/org", None)])
+def test_hub_destination_urls_are_parsed_or_refused(url, want):
+    from distmerge.checkpoint.hub import parse_hub_url
+
+    if want is None:
+        with pytest.raises(ConfigError, match="a Hub destination is hf://org/repo or hf://org/repo@branch"):
+            parse_hub_url(url)
+    else:
+        assert parse_hub_url(url) == want
+
+
+def test_input_hub_urls_name_their_repository_and_revision():
+    """The model card's base_model list and the revisions it resolves read input URLs (which
+    may name a file path) with the same parser as the destination."""
+    from distmerge.checkpoint.hub import split_hub_url
+    from distmerge.checkpoint.modelcard import hub_repo_of
+
+    ref = split_hub_url("hf://org/repo@v1.0/sub/dir")
+    assert (ref.repo, ref.revision, ref.path) == ("org/repo", "v1.0", "sub/dir")
+    assert split_hub_url("hf://org/repo/sub@x")[2:] == (None, "sub@x")
+    assert [hub_repo_of(u) for u in ["hf://org/repo", "hf://org/repo@main", "hf://org/repo/a/b",
+                                     "hf://org", "s3://org/repo", "/models/org/repo"]] == \
+        ["org/repo", "org/repo", "org/repo", None, None, None]
+
 
 HF_TOKEN = "hf_local_test_token_0123456789"
 HF_SOURCES = ["org/base", "org/e1", "org/e2", "org/e3"]

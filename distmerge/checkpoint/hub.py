@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, NamedTuple
 
 from distmerge.checkpoint.modelcard import model_card
 from distmerge.checkpoint.storage import credentials_note, hub_options
@@ -45,19 +45,43 @@ def is_hub(url: str) -> bool:
     return url.startswith("hf://")
 
 
+class HubRef(NamedTuple):
+    """The parts of ``hf://org/name[@revision][/path]``."""
+
+    org: str
+    name: str
+    revision: str | None     # None when the URL names none (or an empty one)
+    path: str                # inside the repository; "" for the repository itself
+
+    @property
+    def repo(self) -> str:
+        return f"{self.org}/{self.name}"
+
+
+def split_hub_url(url: str) -> HubRef | None:
+    """The parts of an ``hf://`` URL (the one parser of them: destinations, input revisions
+    and the model card); None for another URL or one naming no repository."""
+    if not is_hub(url):
+        return None
+    segments = url[len("hf://"):].strip("/").split("/")
+    if len(segments) < 2:
+        return None
+    name, _, rev = segments[1].partition("@")
+    return HubRef(org=segments[0], name=name, revision=rev or None, path="/".join(segments[2:]))
+
+
 def parse_hub_url(url: str) -> tuple[str, str | None]:
     """(``org/repo``, revision or None) of ``hf://org/repo[@revision]``.
 
     Raises:
         ConfigError: anything else (a path inside the repository, a dataset or space).
     """
-    rest = url[len("hf://"):].strip("/")
-    repo, _, rev = rest.partition("@")
-    parts = repo.split("/")
-    if len(parts) != 2 or not all(parts) or parts[0] in ("datasets", "spaces", "buckets") or "/" in rev:
+    ref = split_hub_url(url)
+    if (ref is None or ref.path or not ref.org or not ref.name or "@" in ref.org
+            or ref.org in ("datasets", "spaces", "buckets")):
         raise ConfigError(f"output.path: {url}: a Hub destination is hf://org/repo or "
                           "hf://org/repo@branch (a model repository, no path inside it)")
-    return repo, (rev or None)
+    return ref.repo, ref.revision
 
 
 def staging_root(pipeline_output) -> str:
@@ -164,20 +188,17 @@ class HubOutput(StagedOutput):
 
     def _revisions(self) -> dict[str, str]:
         """input URL -> commit sha, for hf:// inputs (best effort: a failure leaves it out)."""
-        from distmerge.checkpoint.modelcard import hub_repo_of
-
         out: dict[str, str] = {}
         assert self.pipeline is not None
         api = None
         for url in [self.pipeline.base_path] + [e.path for e in self.pipeline.experts]:
-            repo = hub_repo_of(url)
-            if repo is None:
+            ref = split_hub_url(url)
+            if ref is None:
                 continue
-            head = url[len("hf://"):].split("/")[1]
-            rev = head.split("@", 1)[1] if "@" in head else None
+            rev = ref.revision
             try:
                 api = api or _api(self.storage)
-                out[url] = api.model_info(repo, revision=rev).sha or (rev or "")
+                out[url] = api.model_info(ref.repo, revision=rev).sha or (rev or "")
             except Exception as err:  # noqa: BLE001 - the card records the revision asked for
                 log.warning("could not resolve the revision of %s: %s", url, type(err).__name__)
                 if rev:

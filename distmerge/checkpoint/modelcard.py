@@ -15,12 +15,10 @@ from distmerge.config import Pipeline
 
 def hub_repo_of(url: str) -> str | None:
     """``org/repo`` of an ``hf://org/repo[@rev][/...]`` URL (None for other URLs)."""
-    if not url.startswith("hf://"):
-        return None
-    parts = url[len("hf://"):].split("/")
-    if len(parts) < 2:
-        return None
-    return f"{parts[0]}/{parts[1].split('@', 1)[0]}"
+    from distmerge.checkpoint.hub import split_hub_url    # hub imports this module
+
+    ref = split_hub_url(url)
+    return ref.repo if ref is not None else None
 
 
 def model_card(pipeline: Pipeline, *, version: str, identity: dict[str, Any] | None,

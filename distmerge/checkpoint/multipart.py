@@ -109,7 +109,8 @@ class ShardUpload:
     key: str
     upload_id: str
     header: bytes              # written in front of part 1
-    starts: tuple[int, ...]    # byte offset of each part's slice: part k starts at starts[k-1]
+    parts: tuple[tuple[int, int], ...]   # (byte offset of a slice, its part number), from
+                                         # objectstore.part_map
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,8 +132,7 @@ class MultipartWriter:
 
     def __init__(self, spec: MultipartSink):
         self.spec = spec
-        self._by_url = {s.url: (s, {start: i + 1 for i, start in enumerate(s.starts)})
-                        for s in spec.shards}
+        self._by_url = {s.url: (s, dict(s.parts)) for s in spec.shards}
         self._store: Store | None = None
         self._lock = threading.Lock()
 
@@ -142,9 +142,9 @@ class MultipartWriter:
         if part is None:
             raise MergeFailedError(f"{path}: no multipart part starts at byte {offset}; the "
                                    "plan and the upload disagree")
-        body = memoryview(data).cast("B").tobytes()
-        if part == 1:
-            body = shard.header + body
+        view = memoryview(data).cast("B")
+        # one copy of the slice's bytes; part 1 carries the shard's header in front
+        body = b"".join((shard.header, view)) if part == 1 else view.tobytes()
         if len(body) > MAX_PART:
             raise MergeFailedError(f"{path}: part {part} is {len(body)} bytes, over {MAX_PART}")
         with self._lock:

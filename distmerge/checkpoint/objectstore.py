@@ -47,7 +47,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 from distmerge.checkpoint.multipart import (
     MultipartSink,
@@ -237,13 +237,13 @@ class ObjectStoreOutput:
     def sink(self) -> MultipartSink:
         assert self._plan is not None
         plan = self._plan
-        starts: dict[int, list[int]] = {}
-        for s in plan.slices:
-            starts.setdefault(s.shard, []).append(s.start)
+        parts: dict[int, list[tuple[int, int]]] = {si: [] for si in range(len(plan.shards))}
+        for p in _in_part_order(part_map(plan)):
+            parts[p.shard].append((p.start, p.number))
         return MultipartSink(storage=self.storage, protocol=self.protocol, shards=tuple(
             ShardUpload(url=self.shard_path(sh.filename), bucket=self.bucket,
                         key=f"{self.prefix}/{sh.filename}", upload_id=self.uploads[si],
-                        header=sh.header, starts=tuple(starts.get(si, [])))
+                        header=sh.header, parts=tuple(parts[si]))
             for si, sh in enumerate(plan.shards)))
 
     # -- the manifest of finished slices ------------------------------------------------------
@@ -296,16 +296,16 @@ class ObjectStoreOutput:
         ETag and the planned size. Returns (those slices, the indices of the others)."""
         listed = {si: self.store.parts(self.bucket, f"{self.prefix}/{sh.filename}", self.uploads[si]) or {}
                   for si, sh in enumerate(plan.shards)}
-        expected = _part_sizes(plan)
+        parts = part_map(plan)
         good: dict[int, int] = {}
         bad: list[int] = []
         for i in sorted(checksums):
             claim = self._claimed.get(i)
-            part, size = expected[i]
-            have = listed[plan.slices[i].shard].get(part)
-            if claim and claim["part"] == part and have == (claim["etag"], size):
+            p = parts[i]
+            have = listed[p.shard].get(p.number)
+            if claim and claim["part"] == p.number and have == (claim["etag"], p.size):
                 good[i] = checksums[i]
-                self.receipts[i] = {"part": part, "etag": claim["etag"], "size": size}
+                self.receipts[i] = {"part": p.number, "etag": claim["etag"], "size": p.size}
             else:
                 bad.append(i)
         return good, bad
@@ -345,11 +345,9 @@ class ObjectStoreOutput:
         missing = [s.index for s in plan.slices if s.index not in checksums or s.index not in self.receipts]
         if missing:
             raise MergeFailedError(f"verification failed: {len(missing)} slices never reported (first {missing[:5]})")
-        expected = _part_sizes(plan)
         by_shard: dict[int, dict[int, tuple[str, int]]] = {}
-        for s in plan.slices:
-            part, size = expected[s.index]
-            by_shard.setdefault(s.shard, {})[part] = (self.receipts[s.index]["etag"], size)
+        for i, p in part_map(plan).items():
+            by_shard.setdefault(p.shard, {})[p.number] = (self.receipts[i]["etag"], p.size)
         for si, shard in enumerate(plan.shards):
             have = self.store.parts(self.bucket, f"{self.prefix}/{shard.filename}", self.uploads[si])
             if have != by_shard.get(si, {}):
@@ -373,11 +371,9 @@ class ObjectStoreOutput:
         if old and not overwrite:
             raise DestinationError(f"output.path: {self.dest} holds objects that appeared during "
                                    "the run; not writing over them")
-        numbers = _part_sizes(plan)
         parts_of: dict[int, list[dict]] = {si: [] for si in range(len(plan.shards))}
-        for s in plan.slices:
-            parts_of[s.shard].append({"PartNumber": numbers[s.index][0],
-                                      "ETag": self.receipts[s.index]["etag"]})
+        for p in _in_part_order(part_map(plan)):          # S3 wants ascending part numbers
+            parts_of[p.shard].append({"PartNumber": p.number, "ETag": self.receipts[p.slice]["etag"]})
         written: list[str] = []
         try:
             for si, shard in enumerate(plan.shards):
@@ -431,11 +427,27 @@ class ObjectStoreOutput:
             log.warning("could not delete the staging area %s: %s", self.staging, err)
 
 
-def _part_sizes(plan: Plan) -> dict[int, tuple[int, int]]:
-    """slice index -> (its part number, the part's size: the slice, plus the header for part 1)."""
-    out: dict[int, tuple[int, int]] = {}
+class Part(NamedTuple):
+    """Where one slice goes in its shard's multipart upload."""
+
+    slice: int       # the slice's index in the plan
+    shard: int
+    number: int      # its part number (1-based, in slice order within the shard)
+    size: int        # the part's bytes: the slice, plus the shard's header for part 1
+    start: int       # the slice's byte offset in the shard file
+
+
+def part_map(plan: Plan) -> dict[int, Part]:
+    """slice index -> its :class:`Part`; the one place part numbers and sizes are derived
+    (workers, resume checks, verification and completion all use it)."""
+    out: dict[int, Part] = {}
     count: dict[int, int] = {}
     for s in plan.slices:
         n = count[s.shard] = count.get(s.shard, 0) + 1
-        out[s.index] = (n, s.nbytes + (len(plan.shards[s.shard].header) if n == 1 else 0))
+        out[s.index] = Part(slice=s.index, shard=s.shard, number=n, start=s.start,
+                            size=s.nbytes + (len(plan.shards[s.shard].header) if n == 1 else 0))
     return out
+
+
+def _in_part_order(parts: dict[int, Part]) -> list[Part]:
+    return sorted(parts.values(), key=lambda p: (p.shard, p.number))
