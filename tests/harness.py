@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from distmerge.methods import Block, MethodSet
+from distmerge.methods import Block, MethodSet, merged_with_stale
 from distmerge.reduce import StatsAccumulator
 
 
@@ -55,13 +55,10 @@ def merge_tensors(methods: MethodSet, base: dict[str, torch.Tensor],
     for _, stats in merged.values():
         for k, v in stats.items():
             totals[k] = totals[k] + v if k in totals else v
-    stale: set[str] = set()
-    for m in methods.all():
-        ctx, s = m.settle(totals, ctx)
-        stale |= s
+    ctx, stale = methods.settle(totals, ctx, sorted(base))
     redone = 0
     for key, (_, stats) in list(merged.items()):
-        if any(int(stats.get(k, [0])[0]) > 0 for k in stale):
+        if merged_with_stale(stats, stale):
             merged[key] = methods.for_tensor(key[0]).merge_with_stats(_copy(blocks[key]), ctx)
             redone += 1
     merge_tensors.redone = redone

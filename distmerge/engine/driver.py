@@ -57,7 +57,7 @@ from distmerge.errors import (
     NonFiniteError,
     UnsafeCheckpointError,
 )
-from distmerge.methods import MethodSet, build
+from distmerge.methods import MethodSet, build, merged_with_stale
 from distmerge.metrics import RunEvents, serve_metrics
 from distmerge.plan import Plan, make_plan, resident_bytes_for, slice_elements_for
 from distmerge.reduce import StatsAccumulator
@@ -489,12 +489,9 @@ class Run:
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0) + v
         arrays = {k: np.array([v], dtype=np.int64) for k, v in sorted(totals.items())}
-        stale: set[str] = set()
-        for m in self.validated.methods.all():
-            self.ctx, keys = m.settle(arrays, self.ctx)
-            stale |= keys
+        self.ctx, stale = self.validated.methods.settle(arrays, self.ctx, list(self.plan.tensors))
         again = [Task(slice=s, round=None) for s in self.plan.slices
-                 if any(self.merge_stats.get(s.index, {}).get(k, 0) > 0 for k in stale)]
+                 if merged_with_stale(self.merge_stats.get(s.index, {}), stale)]
         if again:
             log.info("the speculated majority sign was wrong: %d of %d slice(s) merged again",
                      len(again), len(self.plan.slices))

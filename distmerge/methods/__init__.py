@@ -11,6 +11,8 @@ import fnmatch
 import typing
 from typing import Any
 
+import numpy as np
+
 from distmerge.errors import ConfigError
 from distmerge.methods.base import Block, Method
 from distmerge.methods.breadcrumbs import Breadcrumbs
@@ -128,6 +130,29 @@ class MethodSet:
         for group in sorted(by_group):
             ctx = owners[group].reduce(round, by_group[group], ctx)
         return ctx
+
+    def settle(self, totals: dict[str, Any], ctx: dict[str, Any],
+               tensors: list[str]) -> tuple[dict[str, Any], set[str]]:
+        """After the merge pass: hand each group's merge statistics (summed over every slice)
+        to the method that owns the group, to settle what its context speculated
+        (:meth:`Method.settle`); returns the context and every statistics key that marks a
+        slice merged with a wrong speculation (see :func:`merged_with_stale`)."""
+        owners = {self.for_tensor(name).group(name): self.for_tensor(name) for name in tensors}
+        by_group: dict[str, dict[str, Any]] = {}
+        for key, value in totals.items():
+            by_group.setdefault(key.rsplit("/", 1)[0], {})[key] = value
+        stale: set[str] = set()
+        for group in sorted(by_group):
+            if group in owners:
+                ctx, keys = owners[group].settle(by_group[group], ctx)
+                stale |= keys
+        return ctx, stale
+
+
+def merged_with_stale(stats: dict[str, Any], stale: set[str]) -> bool:
+    """Whether a slice (or block) whose merge pass returned ``stats`` (exact counts: ints or
+    int arrays) was merged with a speculation :meth:`MethodSet.settle` found wrong."""
+    return any(int(np.asarray(stats.get(k, 0)).sum()) > 0 for k in stale)
 
 
 def build(name: str, params: dict[str, Any],

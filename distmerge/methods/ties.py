@@ -166,7 +166,7 @@ class Ties(Method):
         stale: set[str] = set()
         for key, arr in totals.items():
             g, kind = key.rsplit("/", 1)
-            if (kind != "signs" or g != self.group("") or not self._speculative
+            if (kind != "signs" or not self._speculative
                     or not isinstance(ctx.get(g), dict) or not ctx[g].get("guess")):
                 continue
             true = _majority(int(arr[0]))
