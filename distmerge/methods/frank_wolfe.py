@@ -217,10 +217,18 @@ class FrankWolfe(Method):
         return 1 if self.kind == "data_free" else 0    # data-free: the Gram round
 
     @property
+    def rounds_per_iteration(self) -> int:
+        """Statistics rounds each iteration costs: 0 (data-free task arithmetic: the driver
+        iterates on the Gram), 1 (the data objective's score round), 3 (ties: score + trim)."""
+        if self.local_merge == "task_arithmetic":
+            return 0 if self.kind == "data_free" else 1
+        return 3
+
+    @property
     def rounds(self) -> int:
         if self.local_merge == "task_arithmetic":
             return 1 if self.kind == "data_free" else self.iterations
-        return self._offset + 3 * self.iterations
+        return self._offset + self.rounds_per_iteration * self.iterations
 
     def phase(self, round: int) -> tuple[str, int]:
         """What statistics round ``round`` computes, and its iteration:

@@ -161,7 +161,7 @@ class Selection:
         self.pass_bytes: list[int] = []    # tensor bytes each statistics pass read (this process's run)
         pool = base.nbytes + sum(e.nbytes for e in experts)
         m = method
-        per_it = {("task_arithmetic", "data_free"): 0, ("task_arithmetic", "data"): 1}.get((m.local_merge, m.kind), 3)
+        per_it = m.rounds_per_iteration
         log.info("frank_wolfe plan: %d statistics pass(es) over the pool (%d bytes each%s), %d per "
                  "iteration after %d up front, then the merge pass; the iterations themselves run "
                  "on the driver", m.rounds, pool, " plus the fp32 gradient" if m.kind == "data" else "",
