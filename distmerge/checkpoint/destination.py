@@ -101,8 +101,6 @@ def prepare_output(pipeline: Pipeline, plan: Plan, identity: dict[str, Any], *, 
         return ObjectStoreOutput.prepare(out.path, plan, identity, resume=resume,
                                          storage=pipeline.storage)
     if is_hub(out.path):
-        hub = HubOutput.prepare(out.path, plan, identity, resume=resume,
-                                staging_root=staging_root(out))
-        hub.pipeline, hub.storage = pipeline, pipeline.storage
-        return hub
+        return HubOutput.prepare(out.path, plan, identity, resume=resume, pipeline=pipeline,
+                                 staging_root=staging_root(out))
     return StagedOutput.prepare(out.path, plan, identity, resume=resume)

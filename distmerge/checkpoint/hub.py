@@ -172,24 +172,31 @@ def check_hub_destination(url: str, *, overwrite: bool, shard_size: int, storage
 class HubOutput(StagedOutput):
     """A local staging folder published as one commit to a Hub repository."""
 
-    pipeline: Pipeline | None = None
-    storage: StorageConfig = StorageConfig()
+    pipeline: Pipeline                  # set by prepare: the card's and the token's source
+    storage: StorageConfig
     commit_url: str | None = None
 
-    def finalize(self, plan: Plan, *, base_url: str, out_dtype: str | None) -> None:
-        super().finalize(plan, base_url=base_url, out_dtype=out_dtype)
-        if self.pipeline is not None:
-            import distmerge
+    @classmethod
+    def prepare(cls, dest: str, plan: Plan, identity: dict[str, Any], *, resume: bool,
+                pipeline: Pipeline, staging_root: str | None = None) -> "HubOutput":
+        """:meth:`StagedOutput.prepare`, for ``pipeline``'s run (its model card, its storage
+        settings: the token variable and the endpoint)."""
+        out = super().prepare(dest, plan, identity, resume=resume, staging_root=staging_root)
+        out.pipeline, out.storage = pipeline, pipeline.storage
+        return out
 
-            card = model_card(self.pipeline, version=distmerge.__version__, identity=self.identity,
-                              revisions=self._revisions())
-            with open(os.path.join(self.staging, "README.md"), "w") as f:
-                f.write(card)
+    def finalize(self, plan: Plan, *, base_url: str, out_dtype: str | None) -> None:
+        import distmerge
+
+        super().finalize(plan, base_url=base_url, out_dtype=out_dtype)
+        card = model_card(self.pipeline, version=distmerge.__version__, identity=self.identity,
+                          revisions=self._revisions())
+        with open(os.path.join(self.staging, "README.md"), "w") as f:
+            f.write(card)
 
     def _revisions(self) -> dict[str, str]:
         """input URL -> commit sha, for hf:// inputs (best effort: a failure leaves it out)."""
         out: dict[str, str] = {}
-        assert self.pipeline is not None
         api = None
         for url in [self.pipeline.base_path] + [e.path for e in self.pipeline.experts]:
             ref = split_hub_url(url)
