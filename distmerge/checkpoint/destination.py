@@ -29,11 +29,12 @@ from distmerge.checkpoint.objectstore import (
     ObjectStoreOutput,
     check_object_destination,
     object_staging_areas,
+    refuse_object_staging,
 )
 from distmerge.checkpoint.source import is_local
 from distmerge.checkpoint.writer import StagedOutput, check_destination, refuse_existing_staging
 from distmerge.config import Pipeline
-from distmerge.errors import ConfigError, DestinationError
+from distmerge.errors import ConfigError
 from distmerge.plan import Plan, coalesce_for_parts
 
 
@@ -70,12 +71,7 @@ def refuse_staging(pipeline: Pipeline) -> None:
     if is_hub(out.path):
         refuse_existing_staging(out.path, staging_root(out))
     elif is_object_store(out.path):
-        found = object_staging_areas(out.path, pipeline.storage)
-        if found:
-            raise DestinationError(
-                f"output.path: {out.path}: the staging area {found[-1]}/ of an earlier run "
-                "exists; run again with --resume to continue it, or delete it (and abort its "
-                "multipart uploads) to start over")
+        refuse_object_staging(out.path, object_staging_areas(out.path, pipeline.storage))
     else:
         refuse_existing_staging(out.path)
 

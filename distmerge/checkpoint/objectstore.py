@@ -85,6 +85,16 @@ def _staging_base(prefix: str) -> str:
     return (parent + "/" if parent else "") + f".{name}{STAGING_MARK}"
 
 
+def refuse_object_staging(dest: str, found: list[str]) -> None:
+    """Raises:
+        DestinationError: ``found`` (:func:`object_staging_areas` of ``dest``) is not empty."""
+    if found:
+        raise DestinationError(
+            f"output.path: {dest}: the staging area {found[-1]}/ of an earlier run exists; run "
+            "again with --resume to continue it, or delete it (and abort its multipart uploads) "
+            "to start over")
+
+
 # -- the driver side -------------------------------------------------------------------------------
 
 def check_object_destination(dest: str, *, overwrite: bool, sources: list[str],
@@ -165,11 +175,8 @@ class ObjectStoreOutput:
         found = object_staging_areas(dest, storage)
         others = [a for a in found if a.rstrip("/") != out.staging.rstrip("/")]
         state = out._read_state() if out.staging.rstrip("/") in [a.rstrip("/") for a in found] else None
-        if not resume and found:
-            raise DestinationError(
-                f"output.path: {out.dest}: the staging area {found[-1]}/ of an earlier run exists; "
-                "run again with --resume to continue it, or delete it (and abort its multipart "
-                "uploads) to start over")
+        if not resume:
+            refuse_object_staging(out.dest, found)
         if resume and state is not None:
             out._reopen(plan, state)
             return out
