@@ -151,6 +151,21 @@ def _trace(folder: Path) -> dict:
     return json.loads((folder / "out" / "frank_wolfe_trace.json").read_text())
 
 
+def _whole_vs_sliced(tmp_path: Path, models, spec: dict, slice_size: str,
+                     dtype: str | None = "bfloat16") -> tuple[dict, dict]:
+    """The same pipeline in-process on whole tensors and on Ray with 2 actors and
+    ``slice_size`` slices (output ``dtype``; None: the inputs'): asserts the same output
+    bytes, returns both traces."""
+    runs = (("whole", "1GB", 1, "local"), ("sliced", slice_size, 2, RayExecutor(workers=2)))
+    for name, size, workers, executor in runs:
+        output = {"path": str(tmp_path / name / "out"), **({"dtype": dtype} if dtype else {})}
+        pipe = make_pipeline(tmp_path / name, models, method=spec, output=output,
+                             resources={"slice_size": size, "workers": workers})
+        run_pipeline(load_pipeline(pipe), executor=executor, show_progress=False)
+    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
+    return _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+
+
 FW_TENSOR_COSINE = {"name": "frank_wolfe", "granularity": "tensor", "score": "cosine", "iterations": 4,
                     "step": 1.0, "scale": 0.5, "init": "base"}
 
@@ -183,33 +198,19 @@ def test_trace_in_the_output_and_targets_by_path(tmp_path, tiny_models):
 
 @pytest.mark.ray
 def test_trace_is_slice_invariant_local_vs_ray(ray_session, tmp_path, tiny_models):
-    whole = make_pipeline(tmp_path / "whole", tiny_models, method=FW_TENSOR_COSINE,
-                          resources={"slice_size": "1GB", "workers": 1})
-    sliced = make_pipeline(tmp_path / "sliced", tiny_models, method=FW_TENSOR_COSINE,
-                           resources={"slice_size": "256B", "workers": 2})
-    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
-    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
-    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    a, b = _whole_vs_sliced(tmp_path, tiny_models, FW_TENSOR_COSINE, "256B")
     assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
     picks = {j for r in a["iterations"] for j in r["picked"].values()}
     assert len(picks) > 1, "tensor granularity picked one expert everywhere: a weak test"
-    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
 
 
 @pytest.mark.ray
 def test_ties_local_merge_is_slice_invariant_local_vs_ray(ray_session, tmp_path, tiny_models):
     spec = {**FW_TENSOR_COSINE, "local_merge": "ties", "init": "merge", "iterations": 2, "density": 0.4}
-    whole = make_pipeline(tmp_path / "whole", tiny_models, method=spec,
-                          resources={"slice_size": "1GB", "workers": 1})
-    sliced = make_pipeline(tmp_path / "sliced", tiny_models, method=spec,
-                           resources={"slice_size": "1KB", "workers": 2})
-    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
-    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
-    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    a, b = _whole_vs_sliced(tmp_path, tiny_models, spec, "1KB")
     assert a["iterations"] == b["iterations"]
     assert len(a["stats_pass_bytes_read"]) == 3 + 3 * 2
     assert all(r["threshold"] > 0 for r in a["iterations"])
-    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
 
 
 def test_metrics_export_the_last_iteration(tmp_path, tiny_models):
@@ -417,15 +418,8 @@ def test_data_objective_end_to_end_local_vs_ray(ray_session, tmp_path, granulari
     ties = local_merge == "ties"
     spec = _data_spec(tasks, granularity=granularity, score=score, local_merge=local_merge,
                       **({"init": "base", "density": 0.5} if ties else {}))
-    whole = make_pipeline(tmp_path / "whole", models, method=spec, output={"path": str(tmp_path / "whole" / "out")},
-                          resources={"slice_size": "1GB", "workers": 1})
-    sliced = make_pipeline(tmp_path / "sliced", models, method=spec, output={"path": str(tmp_path / "sliced" / "out")},
-                           resources={"slice_size": "16B", "workers": 2})
-    run_pipeline(load_pipeline(whole), executor="local", show_progress=False)
-    run_pipeline(load_pipeline(sliced), executor=RayExecutor(workers=2), show_progress=False)
-    a, b = _trace(tmp_path / "whole"), _trace(tmp_path / "sliced")
+    a, b = _whole_vs_sliced(tmp_path, models, spec, "16B", dtype=None)
     assert a["iterations"] == b["iterations"] and a["coefficients"] == b["coefficients"]
-    assert sha256_tree(tmp_path / "whole" / "out") == sha256_tree(tmp_path / "sliced" / "out")
     assert not any(p.name == "frank_wolfe_gradient" for p in (tmp_path / "whole" / "out").iterdir())
     # iteration 0 against autograd: f(θ^0) and the pick from ⟨∇f, τ_j⟩ (or cos(∇f, θ_j))
     pool = [load_file(str(m / "model.safetensors")) for m in models]
