@@ -10,11 +10,18 @@ from distmerge.engine.worker import Job, Report, SliceWorker, Task
 
 
 class SliceActor:
-    def __init__(self, job: Job, worker_id: str):
-        self.worker = SliceWorker(job, worker_id=worker_id)
+    """Made before the job is known (its process and imports start while the driver plans),
+    then given it with :meth:`setup`; a replacement of a dead actor gets it at once."""
 
-    def ready(self) -> str:
-        return self.worker.worker_id
+    def __init__(self, worker_id: str, job: Job | None = None):
+        self.worker_id = worker_id
+        self.worker: SliceWorker | None = None
+        if job is not None:
+            self.setup(job)
+
+    def setup(self, job: Job) -> str:
+        self.worker = SliceWorker(job, worker_id=self.worker_id)
+        return self.worker_id
 
     def process(self, task: Task, ctx: dict[str, Any]) -> Report:
         return self.worker.process(task, ctx)

@@ -358,6 +358,7 @@ class Run:
 
     def _plan(self) -> State:
         assert self.validated is not None
+        self.executor.launch()            # the workers boot while this plans (after validation)
         self.plan = plan_for(self.pipeline, self.validated)
         self.output = prepare_output(self.pipeline, self.plan,
                                      run_identity(self.pipeline, self.validated, self.plan),

@@ -8,6 +8,7 @@ statistics summed over all tasks (each worker sums its own; see ``SliceWorker.dr
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -28,6 +29,17 @@ OnRetry = Callable[[Task, BaseException], None]
 Counts = dict[str, np.ndarray]
 
 
+@functools.cache
+def _actor_class() -> Any:
+    """The Ray actor class of :class:`SliceActor`, made once per process: Ray exports a class
+    (and disassembles it for its identity, ~50 ms) each time ``ray.remote`` wraps it anew."""
+    import ray
+
+    from distmerge.engine.actor import SliceActor
+
+    return ray.remote(SliceActor)
+
+
 def add_counts(into: Counts, part: Counts) -> None:
     for key, arr in part.items():
         into[key] = into[key] + arr if key in into else arr    # integers: exact in any order
@@ -36,6 +48,7 @@ def add_counts(into: Counts, part: Counts) -> None:
 class Executor(Protocol):
     workers: int
 
+    def launch(self) -> None: ...
     def start(self, job: Job) -> None: ...
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
             on_retry: OnRetry | None = None) -> Counts: ...
@@ -55,6 +68,9 @@ class LocalExecutor:
         self.in_flight = max(1, in_flight)
         self.worker: SliceWorker | None = None
         self.pool: ThreadPoolExecutor | None = None
+
+    def launch(self) -> None:
+        """Nothing to start ahead: the worker is this process."""
 
     def start(self, job: Job) -> None:
         self.worker = SliceWorker(job, device=self.device, worker_id="local")
@@ -106,24 +122,28 @@ class RayExecutor:
         self.actors: list[Any] = []
         self._job_ref = None
 
-    def _new_actor(self, i: int):
-        import ray
-
-        from distmerge.engine.actor import SliceActor
-
+    def _new_actor(self, i: int, job_ref: Any = None):
+        """Actor ``i``: given the job when ``job_ref`` is set (a replacement), else waiting for
+        it (``SliceActor.setup``)."""
         # max_concurrency = in_flight: while one slice computes, the next one reads
         opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": self.gpus, "max_restarts": 0,
                                 "max_concurrency": self.in_flight}
         if self.memory:
             opts["memory"] = self.memory
-        return ray.remote(SliceActor).options(**opts).remote(self._job_ref, f"worker{i}")
+        return _actor_class().options(**opts).remote(f"worker{i}", job_ref)
+
+    def launch(self) -> None:
+        """Create the actors before the job is known: each one's process start and imports
+        (about a second of CPU, mostly ``import torch``) then overlap the driver's planning."""
+        if not self.actors:
+            self.actors = [self._new_actor(i) for i in range(self.workers)]
 
     def start(self, job: Job) -> None:
         import ray
 
+        self.launch()
         self._job_ref = ray.put(job)
-        self.actors = [self._new_actor(i) for i in range(self.workers)]
-        ray.get([a.ready.remote() for a in self.actors])
+        ray.get([a.setup.remote(self._job_ref) for a in self.actors])
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
             on_retry: OnRetry | None = None) -> Counts:
@@ -169,7 +189,7 @@ class RayExecutor:
 
         def replace(i: int, err: BaseException) -> None:
             log.warning("worker%d died; starting a replacement", i)
-            self.actors[i] = self._new_actor(i)
+            self.actors[i] = self._new_actor(i, self._job_ref)
             generation[i] += 1
             for t in undrained[i]:
                 redo(t, i, err)
