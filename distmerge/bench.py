@@ -209,6 +209,26 @@ def read_bound(files: list[str], runs: int) -> dict[str, Any]:
 
 
 # -- memory ------------------------------------------------------------------------------------
+def machine_cpu_seconds() -> float | None:
+    """CPU seconds every process on this machine has used so far (user, nice, system, irq and
+    softirq time of ``/proc/stat``), or None where there is no ``/proc/stat``. A run's difference
+    counts its Ray actors, Ray's daemons and the kernel's work for it too, which no rusage of
+    this process sees; on a quiet machine it is the CPU work a run costs, a figure less noisy
+    than wall time when every core is busy."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_since(start: float | None) -> float | None:
+    end = machine_cpu_seconds()
+    return end - start if start is not None and end is not None else None
+
+
 def _rusage_bytes(maxrss: int) -> int:
     """``ru_maxrss`` in bytes (Linux reports KiB, macOS bytes)."""
     return maxrss if sys.platform == "darwin" else maxrss * 1024
@@ -275,14 +295,16 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
         try:
             pipeline = build_pipeline(method, folders, tmp / "merged", args)
             was_reset = reset_peak_rss()
+            cpu0 = machine_cpu_seconds()
             t0 = time.perf_counter()
             summary = run_pipeline(pipeline, executor=args.executor, show_progress=False)
             wall = time.perf_counter() - t0
+            cpu = _cpu_since(cpu0)
             driver_peak = peak_rss()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         runs.append({
-            "wall_seconds": wall, "summary_seconds": summary.seconds, "passes": summary.passes,
+            "wall_seconds": wall, "machine_cpu_seconds": cpu, "summary_seconds": summary.seconds, "passes": summary.passes,
             "remerged_slices": summary.remerged_slices,     # ties: merged again (wrong sign guess)
             "bytes_read": summary.bytes_read, "bytes_written": summary.bytes_written,
             "stage_seconds": summary.stage_seconds, "worker_seconds": summary.worker_seconds,
@@ -297,10 +319,12 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
         log.info("bench: %s run %d/%d: %.2f s", method, i + 1, args.runs, wall)
     walls = [r["wall_seconds"] for r in runs]
     wall = statistics.median(walls)
+    cpus = [r["machine_cpu_seconds"] for r in runs]
     last = runs[-1]
     return {
         "method": method,
         "spec": METHOD_SPECS.get(method, {"name": method}),
+        "machine_cpu_seconds": _spread(cpus) if None not in cpus else None,
         "passes": last["passes"],
         "remerged_slices": last["remerged_slices"],
         "slices": last["slices"],
@@ -401,6 +425,7 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
         return {"error": f"no mergekit equivalent of {method}"}
     params_per_shard = max(1, args.shard_size // 2)          # bf16: 2 bytes a parameter
     seconds: list[float] = []
+    cpus: list[float | None] = []
     peaks: list[int] = []
     for _ in range(args.runs):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.mergekit-{method}-", dir=scratch_dir))
@@ -409,7 +434,9 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
             cfg.write_text(yaml.safe_dump(config, sort_keys=False))
             cmd = [*_mergekit_command(), str(cfg), str(tmp / "merged"),
                    "--out-shard-size", str(params_per_shard), "--no-cuda", "--no-copy-tokenizer"]
+            cpu0 = machine_cpu_seconds()
             proc, usage = run_measured(cmd, tmp / "usage.json")
+            cpus.append(_cpu_since(cpu0))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if proc.returncode != 0 or usage["seconds"] is None:
@@ -421,6 +448,7 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
         log.info("bench: mergekit %s: %.2f s, peak RSS %.2f GB", method, usage["seconds"],
                  usage["peak_rss"] / 1e9)
     return {"wall_seconds": _spread(seconds), "seconds": seconds, "config": config,
+            "machine_cpu_seconds": _spread(cpus) if None not in cpus else None,
             "peak_rss": max(peaks), "peak_rss_runs": peaks,
             "command": " ".join(_mergekit_command()) + " CONFIG OUT --out-shard-size "
                        f"{params_per_shard} --no-cuda --no-copy-tokenizer",
@@ -518,7 +546,7 @@ def render(results: dict[str, Any]) -> str:
     lines.append("")
 
     cols = [("method", "<"), ("passes", ">"), ("wall s [min..max]", ">"), ("read GB", ">"),
-            ("in GB/s", ">"), ("x bound", ">"), ("peak RSS/budget GB", ">"), ("total peak GB", ">"),
+            ("in GB/s", ">"), ("x bound", ">"), ("cpu s", ">"), ("peak RSS/budget GB", ">"), ("total peak GB", ">"),
             ("plan s", ">"), ("stats s", ">"),
             ("merge s", ">"), ("wk read/compute/write s", ">")]
     rows = []
@@ -528,6 +556,7 @@ def render(results: dict[str, Any]) -> str:
             r["method"], str(r["passes"]),
             f"{w['median']:.2f} [{w['min']:.2f}..{w['max']:.2f}]",
             _gb(r["bytes_read"]), f"{r['input_gbps']:.2f}", f"{w['median'] / rb['median']:.2f}",
+            f"{r['machine_cpu_seconds']['median']:.2f}" if r.get("machine_cpu_seconds") else "-",
             f"{r['peak_worker_rss'] / 1e9:.2f}/{r['memory_per_worker'] / 1e9:.2f}",
             _gb_or_dash(r.get("total_peak_rss")),
             f"{st['plan']:.2f}", f"{st['stats']:.2f}", f"{st['merge']:.2f}",
@@ -546,6 +575,8 @@ def render(results: dict[str, Any]) -> str:
         "",
         "read GB: bytes the merge read in all passes (ties reads the inputs once per statistics "
         "round plus once to merge); in GB/s: one pass of input tensors / wall; x bound: wall / read bound.",
+        "cpu s: CPU seconds the whole machine used during a run (/proc/stat: actors, Ray's daemons, "
+        "driver, kernel), median; wall is about cpu s / cores when every core is busy.",
         "plan s, stats s, merge s: driver stage times (plan includes starting the run's workers); wk read/compute/write s: summed over workers and slices.",
     ]
     if results["executor"] == "local":
@@ -568,6 +599,7 @@ def render(results: dict[str, Any]) -> str:
                          "and rerun with --compare mergekit)")
         else:
             ours = {r["method"]: r["wall_seconds"]["median"] for r in results["methods"]}
+            ours_cpu = {r["method"]: r.get("machine_cpu_seconds") for r in results["methods"]}
             ours_peak = {r["method"]: r.get("total_peak_rss") for r in results["methods"]}
             for m, mk in cmp_["methods"].items():
                 if "error" in mk:
@@ -578,6 +610,10 @@ def render(results: dict[str, Any]) -> str:
                 lines.append(f"mergekit {m}: {w['median']:.2f} s [{w['min']:.2f}..{w['max']:.2f}] "
                              f"(mergekit-yaml subprocess, CPU, incl. its start-up) = "
                              f"{w['median'] / ours[m]:.2f}x distmerge's wall{note}")
+                if mk.get("machine_cpu_seconds") and ours_cpu.get(m):
+                    c, mine_c = mk["machine_cpu_seconds"]["median"], ours_cpu[m]["median"]
+                    lines.append(f"mergekit {m}: machine CPU {c:.2f} s (measured as for distmerge) "
+                                 f"= {c / mine_c:.2f}x distmerge's {mine_c:.2f} s")
                 if mk.get("peak_rss") is not None:
                     mine = ours_peak.get(m)
                     vs = (f" vs distmerge's total peak {mine / 1e9:.2f} GB "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import resource
+import sys
 
 import pytest
 
@@ -23,6 +25,7 @@ def test_bench_tiny_local(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "read bound:" in printed and "warm page cache" in printed
+    assert "cpu s" in printed
     assert "task_arithmetic" in printed and "ties" in printed
     if not bench.mergekit_available():
         assert "mergekit: not installed" in printed and "pip install mergekit" in printed
@@ -45,6 +48,9 @@ def test_bench_tiny_local(tmp_path, capsys):
         assert r["stage_seconds"]["merge"] > 0
         assert all(v > 0 for v in r["worker_seconds"].values())
         assert r["remerged_slices"] == 0              # the guessed sign was right here
+        if sys.platform == "linux":                   # the whole machine's CPU during each run
+            assert all(run["machine_cpu_seconds"] > 0 for run in r["runs"])
+            assert r["machine_cpu_seconds"]["median"] > 0
         assert all(b == r["passes"] * input_bytes for b in r["bytes_read_per_run"])
         assert r["bytes_read"] == r["passes"] * input_bytes
     assert rows["ties"]["stage_seconds"]["stats"] > 0
@@ -76,6 +82,46 @@ def test_render_mentions_missing_mergekit():
     text = bench.render(results)
     assert "ray: started once" in text
     assert "mergekit: not installed" in text and "pip install mergekit" in text
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/stat")
+def test_machine_cpu_seconds_counts_at_least_this_process():
+    def own() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    machine0, own0 = bench.machine_cpu_seconds(), own()
+    x = 0
+    while own() - own0 < 0.3:                        # busy: about 0.3 s of this process's CPU
+        x += 1
+    machine, mine = bench.machine_cpu_seconds() - machine0, own() - own0
+    assert machine >= mine - 0.05                    # /proc/stat counts in ticks of 10 ms
+
+
+def test_render_compares_machine_cpu_with_mergekit():
+    spread = {"median": 2.0, "min": 1.9, "max": 2.2}
+    row = {"method": "task_arithmetic", "passes": 1, "wall_seconds": spread, "bytes_read": 3e9,
+           "input_gbps": 1.5, "peak_worker_rss": 5e8, "memory_per_worker": 4e9,
+           "total_peak_rss": 1.3e9, "machine_cpu_seconds": {"median": 4.0, "min": 3.9, "max": 4.1},
+           "stage_seconds": {"plan": 1.0, "stats": 0.0, "merge": 1.0},
+           "worker_seconds": {"read": 0.9, "compute": 1.8, "write": 0.6}}
+    mk = {"wall_seconds": {"median": 10.0, "min": 9.0, "max": 11.0}, "peak_rss": 4.2e9,
+          "machine_cpu_seconds": {"median": 12.0, "min": 11.0, "max": 13.0}}
+    results = {
+        "shape": {"experts": 2, "params_per_model": 1e6, "dtype": "bfloat16", "hidden": 8,
+                  "layers": 1, "intermediate": 16, "vocab": 8, "heads": 2, "kv_heads": 2},
+        "inputs": {"folder": "/x", "files": 3, "file_bytes": 30, "tensor_bytes": 24,
+                   "prepare_seconds": 0.1},
+        "executor": "ray", "workers": 2, "memory_per_worker": 4e9, "runs": 3,
+        "read_bound": {"bytes": 30, "median": 0.5, "min": 0.5, "max": 0.5, "gbps": 6e-8},
+        "ray": None, "methods": [row],
+        "compare": {"tool": "mergekit", "installed": True, "methods": {"task_arithmetic": mk}},
+    }
+    text = bench.render(results)
+    table_row = next(line for line in text.splitlines() if line.startswith("task_arithmetic"))
+    assert " 4.00 " in table_row                     # the cpu s column
+    assert "= 5.00x distmerge's wall" in text
+    assert "machine CPU 12.00 s (measured as for distmerge) = 3.00x distmerge's 4.00 s" in text
 
 
 # -- the scale simulation ------------------------------------------------------------------------
