@@ -182,3 +182,42 @@ def test_the_local_executor_keeps_two_slices_in_flight_and_reports_on_the_callin
     ex.run(tasks, {}, lambda task, rep: seen.append((rep, threading.get_ident())))
     ex.pool.shutdown()
     assert sorted(r for r, _ in seen) == list(range(6)) and {t for _, t in seen} == {caller}
+
+
+@pytest.mark.parametrize("method", [{"name": "ties", "density": 0.3, "scope": "model"},
+                                    {"name": "task_arithmetic", "scale": 0.5}], ids=lambda m: m["name"])
+def test_the_local_executor_shares_the_cores_among_its_slices_with_the_same_bytes(tmp_path, method):
+    """On the CPU each slice in flight gets cores // in_flight torch threads during the run
+    (not all cores each), torch's setting is restored after it, and the bytes are the same
+    whatever the thread count (tensors big enough for torch to split its ops over threads)."""
+    import os
+
+    from distmerge.engine.executors import LocalExecutor
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(768, 512, generator=g)
+    folders = []
+    for i in range(4):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        w = base if i == 0 else base + 0.05 * torch.randn(768, 512, generator=g)
+        save_file({"w": w.to(torch.bfloat16), "v": w[:3].clone()}, str(d / "model.safetensors"))
+        folders.append(d)
+
+    class Watching(LocalExecutor):
+        def run(self, *args, **kwargs):
+            self.threads = torch.get_num_threads()
+            return super().run(*args, **kwargs)
+
+    before, cores = torch.get_num_threads(), os.cpu_count() or 1
+    digests = []
+    for in_flight in (1, 2):
+        out = tmp_path / f"out{in_flight}"
+        pipe = make_pipeline(tmp_path / f"p{in_flight}", folders, method=method,
+                             output={"path": str(out), "dtype": "bfloat16"})
+        ex = Watching(in_flight=in_flight)
+        run_pipeline(load_pipeline(pipe), executor=ex, show_progress=False)
+        assert ex.threads == max(1, cores // in_flight)
+        assert torch.get_num_threads() == before
+        digests.append(sha256_tree(out))
+    assert digests[0] == digests[1]
