@@ -261,12 +261,12 @@ def peak_rss() -> int:
 
 
 # -- merges ------------------------------------------------------------------------------------
-def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.Namespace):
-    from distmerge.config import parse_pipeline
+def pipeline_spec(method: str, folders: list[Path], dest: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The bench's pipeline for ``method`` as the YAML's mapping."""
     from distmerge.methods import REGISTRY
 
     n = REGISTRY[method].exact_experts if method in REGISTRY else None   # slerp: 2
-    return parse_pipeline({
+    return {
         "name": f"bench-{method}".replace("_", "-"),
         "base": str(folders[0]),
         "experts": [{"path": str(f), "weight": 1.0} for f in folders[1:][:n]],
@@ -274,7 +274,13 @@ def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.
         "output": {"path": str(dest), "dtype": DTYPE, "shard_size": args.shard_size,
                    "overwrite": True},
         "resources": {"workers": args.workers, "memory_per_worker": args.memory_per_worker},
-    }, source=f"bench pipeline ({method})")
+    }
+
+
+def build_pipeline(method: str, folders: list[Path], dest: Path, args: argparse.Namespace):
+    from distmerge.config import parse_pipeline
+
+    return parse_pipeline(pipeline_spec(method, folders, dest, args), source=f"bench pipeline ({method})")
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -346,6 +352,45 @@ def time_merges(method: str, folders: list[Path], scratch_dir: Path, out_name: s
     }
 
 
+def time_command(method: str, folders: list[Path], scratch_dir: Path, out_name: str,
+                 args: argparse.Namespace, ray_address: str | None) -> dict[str, Any]:
+    """``distmerge run`` of the same pipeline as a child process, timed like mergekit-yaml:
+    the whole command, with its own start-up (Python, ``import torch``, connecting to Ray).
+    With the Ray executor it joins the bench's running Ray (as a job joins a cluster), so
+    starting Ray is not in it."""
+    import yaml
+
+    seconds: list[float] = []
+    cpus: list[float | None] = []
+    peaks: list[int] = []
+    env = dict(os.environ)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    for _ in range(args.runs):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.command-{method}-", dir=scratch_dir))
+        try:
+            spec = tmp / "pipeline.yaml"
+            spec.write_text(yaml.safe_dump(pipeline_spec(method, folders, tmp / "merged", args)))
+            cmd = [sys.executable, "-m", "distmerge.cli", "-q", "run", str(spec),
+                   "--executor", args.executor, "--no-progress"]
+            cpu0 = machine_cpu_seconds()
+            proc, usage = run_measured(cmd, tmp / "usage.json", env=env)
+            cpus.append(_cpu_since(cpu0))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if proc.returncode != 0 or usage["seconds"] is None:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()
+            return {"error": f"distmerge run exited {proc.returncode}: {tail[-1] if tail else 'no output'}"}
+        seconds.append(usage["seconds"])
+        peaks.append(usage["peak_rss"])
+        log.info("bench: distmerge run %s (whole command): %.2f s", method, usage["seconds"])
+    return {"wall_seconds": _spread(seconds), "seconds": seconds,
+            "machine_cpu_seconds": _spread(cpus) if None not in cpus else None,
+            "peak_rss_command": max(peaks),
+            "command": f"python -m distmerge.cli -q run PIPELINE --executor {args.executor} --no-progress"
+                       + (" (RAY_ADDRESS: the bench's Ray)" if ray_address else "")}
+
+
 # -- mergekit ----------------------------------------------------------------------------------
 MERGEKIT_INSTALL = "pip install mergekit"
 
@@ -398,11 +443,12 @@ sys.exit(rc)
 """
 
 
-def run_measured(cmd: list[str], usage_file: Path) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+def run_measured(cmd: list[str], usage_file: Path, env: dict[str, str] | None = None
+                 ) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
     """Run ``cmd`` under :data:`_RUSAGE_WRAPPER`; returns the process and ``{"rc", "seconds",
     "peak_rss"}`` (seconds: the command's own wall time; peak_rss in bytes) of ``cmd`` itself."""
     proc = subprocess.run([sys.executable, "-c", _RUSAGE_WRAPPER, str(usage_file), *cmd],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     try:
         usage = json.loads(usage_file.read_text())
     except (OSError, ValueError):
@@ -456,6 +502,12 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
 
 
 # -- the whole bench ---------------------------------------------------------------------------
+def _ray_gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Generate or reuse the inputs, measure the read bound, time every method (and mergekit
     when asked); returns every figure as a JSON-able dict. Prints nothing."""
@@ -493,6 +545,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                               "startup_seconds": time.perf_counter() - t0 if started else 0.0}
         for m in methods:
             results["methods"].append(time_merges(m, folders, out.parent, out.name, args, input_bytes))
+        if args.compare:                  # the whole command too, timed as mergekit's is
+            address = _ray_gcs_address() if args.executor == "ray" else None
+            for r in results["methods"]:
+                r["whole_command"] = time_command(r["method"], folders, out.parent, out.name, args, address)
     finally:
         if started:
             import ray
@@ -591,6 +647,20 @@ def render(results: dict[str, Any]) -> str:
         lines.append("driver peak: could not be reset per run here, so it is this process's peak since it "
                      "started (an upper bound).")
 
+    commands = {r["method"]: r["whole_command"] for r in results["methods"] if r.get("whole_command")}
+    if commands:
+        lines.append("")
+        for m, wc in commands.items():
+            if "error" in wc:
+                lines.append(f"distmerge run {m}, whole command: not timed: {wc['error']}")
+                continue
+            w, c = wc["wall_seconds"], wc.get("machine_cpu_seconds")
+            cpu = f", machine CPU {c['median']:.2f} s" if c else ""
+            lines.append(f"distmerge run {m}, whole command: {w['median']:.2f} s [{w['min']:.2f}.."
+                         f"{w['max']:.2f}]{cpu} (a child process with its start-up, timed as "
+                         "mergekit-yaml is" + ("; it joins the running Ray" if results.get("ray") else "")
+                         + ")")
+
     cmp_ = results.get("compare")
     if cmp_ is not None:
         lines.append("")
@@ -607,13 +677,18 @@ def render(results: dict[str, Any]) -> str:
                     continue
                 w = mk["wall_seconds"]
                 note = f"; {mk['note']}" if mk.get("note") else ""
+                wc = commands.get(m) if "error" not in commands.get(m, {"error": 1}) else None
+                whole = (f"{w['median'] / wc['wall_seconds']['median']:.2f}x distmerge's whole command "
+                         "(both with their start-up), " if wc else "")
                 lines.append(f"mergekit {m}: {w['median']:.2f} s [{w['min']:.2f}..{w['max']:.2f}] "
-                             f"(mergekit-yaml subprocess, CPU, incl. its start-up) = "
-                             f"{w['median'] / ours[m]:.2f}x distmerge's wall{note}")
+                             f"(mergekit-yaml subprocess, CPU, incl. its start-up) = {whole}"
+                             f"{w['median'] / ours[m]:.2f}x distmerge's in-process wall{note}")
                 if mk.get("machine_cpu_seconds") and ours_cpu.get(m):
                     c, mine_c = mk["machine_cpu_seconds"]["median"], ours_cpu[m]["median"]
+                    whole_c = (f"{c / wc['machine_cpu_seconds']['median']:.2f}x the whole command's, "
+                               if wc and wc.get("machine_cpu_seconds") else "")
                     lines.append(f"mergekit {m}: machine CPU {c:.2f} s (measured as for distmerge) "
-                                 f"= {c / mine_c:.2f}x distmerge's {mine_c:.2f} s")
+                                 f"= {whole_c}{c / mine_c:.2f}x the in-process run's {mine_c:.2f} s")
                 if mk.get("peak_rss") is not None:
                     mine = ours_peak.get(m)
                     vs = (f" vs distmerge's total peak {mine / 1e9:.2f} GB "

@@ -26,6 +26,7 @@ def test_bench_tiny_local(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "read bound:" in printed and "warm page cache" in printed
     assert "cpu s" in printed
+    assert "distmerge run task_arithmetic, whole command:" in printed   # --compare times it too
     assert "task_arithmetic" in printed and "ties" in printed
     if not bench.mergekit_available():
         assert "mergekit: not installed" in printed and "pip install mergekit" in printed
@@ -49,10 +50,12 @@ def test_bench_tiny_local(tmp_path, capsys):
         assert all(v > 0 for v in r["worker_seconds"].values())
         assert r["remerged_slices"] == 0              # the guessed sign was right here
         if sys.platform == "linux":                   # the whole machine's CPU during each run
-            assert all(run["machine_cpu_seconds"] > 0 for run in r["runs"])
-            assert r["machine_cpu_seconds"]["median"] > 0
+            assert all(run["machine_cpu_seconds"] >= 0 for run in r["runs"])   # ticks of 10 ms
+            assert r["machine_cpu_seconds"]["median"] >= 0
         assert all(b == r["passes"] * input_bytes for b in r["bytes_read_per_run"])
         assert r["bytes_read"] == r["passes"] * input_bytes
+        whole = r["whole_command"]                    # distmerge run in a child, with its start-up
+        assert len(whole["seconds"]) == 2 and whole["wall_seconds"]["median"] > 0, whole
     assert rows["ties"]["stage_seconds"]["stats"] > 0
 
     # outputs went to temporary folders beside the cache and were removed; inputs were kept
@@ -120,8 +123,16 @@ def test_render_compares_machine_cpu_with_mergekit():
     text = bench.render(results)
     table_row = next(line for line in text.splitlines() if line.startswith("task_arithmetic"))
     assert " 4.00 " in table_row                     # the cpu s column
-    assert "= 5.00x distmerge's wall" in text
-    assert "machine CPU 12.00 s (measured as for distmerge) = 3.00x distmerge's 4.00 s" in text
+    assert "= 5.00x distmerge's in-process wall" in text
+    assert "machine CPU 12.00 s (measured as for distmerge) = 3.00x the in-process run's 4.00 s" in text
+    assert "whole command" not in text
+
+    row["whole_command"] = {"wall_seconds": {"median": 4.0, "min": 3.8, "max": 4.4},
+                            "machine_cpu_seconds": {"median": 6.0, "min": 5.9, "max": 6.3}}
+    text = bench.render(results)
+    assert "distmerge run task_arithmetic, whole command: 4.00 s [3.80..4.40], machine CPU 6.00 s" in text
+    assert "= 2.50x distmerge's whole command (both with their start-up), 5.00x distmerge's in-process wall" in text
+    assert "= 2.00x the whole command's, 3.00x the in-process run's 4.00 s" in text
 
 
 # -- the scale simulation ------------------------------------------------------------------------
