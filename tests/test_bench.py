@@ -70,18 +70,22 @@ def test_bench_rejects_unknown_method(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_render_mentions_missing_mergekit():
-    results = {
+def _results(**changes) -> dict:
+    """A bench result for render(), with ``changes`` over a Ray run of no method."""
+    return {
         "shape": {"experts": 2, "params_per_model": 1e6, "dtype": "bfloat16", "hidden": 8,
                   "layers": 1, "intermediate": 16, "vocab": 8, "heads": 2, "kv_heads": 2},
         "inputs": {"folder": "/x", "files": 3, "file_bytes": 30, "tensor_bytes": 24,
                    "prepare_seconds": 0.1},
         "executor": "ray", "workers": 2, "memory_per_worker": 4e9, "runs": 1,
         "read_bound": {"bytes": 30, "median": 0.5, "min": 0.5, "max": 0.5, "gbps": 6e-8},
-        "ray": {"started_by_bench": True, "startup_seconds": 3.0},
-        "methods": [], "compare": {"tool": "mergekit", "installed": False,
-                                   "install": "pip install mergekit"},
+        "ray": {"started_by_bench": True, "startup_seconds": 3.0}, "methods": [], "compare": None,
+        **changes,
     }
+
+
+def test_render_mentions_missing_mergekit():
+    results = _results(compare={"tool": "mergekit", "installed": False, "install": "pip install mergekit"})
     text = bench.render(results)
     assert "ray: started once" in text
     assert "mergekit: not installed" in text and "pip install mergekit" in text
@@ -110,16 +114,8 @@ def test_render_compares_machine_cpu_with_mergekit():
            "worker_seconds": {"read": 0.9, "compute": 1.8, "write": 0.6}}
     mk = {"wall_seconds": {"median": 10.0, "min": 9.0, "max": 11.0}, "peak_rss": 4.2e9,
           "machine_cpu_seconds": {"median": 12.0, "min": 11.0, "max": 13.0}}
-    results = {
-        "shape": {"experts": 2, "params_per_model": 1e6, "dtype": "bfloat16", "hidden": 8,
-                  "layers": 1, "intermediate": 16, "vocab": 8, "heads": 2, "kv_heads": 2},
-        "inputs": {"folder": "/x", "files": 3, "file_bytes": 30, "tensor_bytes": 24,
-                   "prepare_seconds": 0.1},
-        "executor": "ray", "workers": 2, "memory_per_worker": 4e9, "runs": 3,
-        "read_bound": {"bytes": 30, "median": 0.5, "min": 0.5, "max": 0.5, "gbps": 6e-8},
-        "ray": None, "methods": [row],
-        "compare": {"tool": "mergekit", "installed": True, "methods": {"task_arithmetic": mk}},
-    }
+    results = _results(runs=3, ray=None, methods=[row], compare={
+        "tool": "mergekit", "installed": True, "methods": {"task_arithmetic": mk}})
     text = bench.render(results)
     table_row = next(line for line in text.splitlines() if line.startswith("task_arithmetic"))
     assert " 4.00 " in table_row                     # the cpu s column
