@@ -88,3 +88,36 @@ def test_error_in_an_actor_reaches_the_driver_as_its_class(ray_session, tmp_path
         run_pipeline(load_pipeline(pipe), executor=_ray_executor(pipe), show_progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_workers_the_cluster_cannot_place_are_reported_while_the_run_waits(ray_session, monkeypatch, caplog):
+    """An actor asking for more than the cluster has (here a GPU on a CPU-only Ray) is queued
+    by Ray without a word: the run says what it waits for, and for what the cluster has,
+    until it is stopped."""
+    import threading
+
+    from distmerge.engine import executors
+
+    monkeypatch.setattr(executors, "STARTUP_WARN_SECONDS", 0.5)
+    ex = RayExecutor(workers=1, gpus_per_worker=1)
+    ex.launch()
+    failed: list[BaseException] = []
+
+    def start():
+        try:
+            ex.start(None)                # never placed: the job is not looked at
+        except BaseException as err:      # noqa: BLE001 - what stopping the run raises
+            failed.append(err)
+
+    with caplog.at_level("WARNING", logger="distmerge.engine.executors"):
+        waiting = threading.Thread(target=start)
+        waiting.start()
+        for _ in range(100):
+            if "not started" in caplog.text:
+                break
+            waiting.join(0.1)
+        ex.shutdown()                     # what stopping the run does: kills the actors
+        waiting.join(30)
+    assert not waiting.is_alive() and failed, "stopping should end the wait with an error"
+    assert "1 of 1 workers not started after" in caplog.text
+    assert "each asks for 1 CPU, 1 GPU; free on the cluster: " in caplog.text and " CPU" in caplog.text

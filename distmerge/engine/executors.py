@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # How far into the queue an actor looks for a slice of its own (see RayExecutor.run).
 HOME_WINDOW = 64
+# How often a run whose workers wait for room on the cluster says so (RayExecutor.start).
+STARTUP_WARN_SECONDS = 30.0
 
 OnReport = Callable[[Task, Report], None]
 OnRetry = Callable[[Task, BaseException], None]
@@ -40,6 +42,14 @@ def _actor_class() -> Any:
     from distmerge.engine.actor import SliceActor
 
     return ray.remote(SliceActor)
+
+
+def _resources(res: dict[str, float]) -> str:
+    """Ray resources as a reader wants them: CPU, GPU, then memory in GB."""
+    parts = [f"{res[k]:g} {k}" for k in ("CPU", "GPU") if res.get(k)]
+    if res.get("memory"):
+        parts.append(f"{res['memory'] / 1e9:.1f} GB memory")
+    return ", ".join(parts) or "nothing"
 
 
 def add_counts(into: Counts, part: Counts) -> None:
@@ -157,7 +167,29 @@ class RayExecutor:
 
         self.launch()
         self._job_ref = ray.put(job)
-        ray.get([a.setup.remote(self._job_ref) for a in self.actors])
+        self._wait_started([a.setup.remote(self._job_ref) for a in self.actors])
+
+    def _wait_started(self, refs: list[Any]) -> None:
+        """Wait for every actor's setup, raising its error; while some wait (for the cluster
+        to have room for them: Ray queues an actor it cannot place, silently), say every
+        STARTUP_WARN_SECONDS what each asks for and what the cluster has."""
+        import ray
+
+        pending, waited = list(refs), 0.0
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=STARTUP_WARN_SECONDS)
+            ray.get(done)                                   # an actor that failed to start
+            if pending:
+                waited += STARTUP_WARN_SECONDS
+                log.warning("%d of %d workers not started after %g s; each asks for %s; free on "
+                            "the cluster: %s (of %s in total). Still waiting (an autoscaler may "
+                            "add nodes); stop the run if it cannot.", len(pending), len(refs),
+                            waited, self._asks(), _resources(ray.available_resources()),
+                            _resources(ray.cluster_resources()))
+
+    def _asks(self) -> str:
+        asks = {"CPU": 1.0, "GPU": float(self.gpus), "memory": float(self.memory)}
+        return _resources({k: v for k, v in asks.items() if v})
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
             on_retry: OnRetry | None = None) -> Counts:
