@@ -114,3 +114,18 @@ def test_each_module_imports_alone_and_dependencies_go_one_way(module, forbidden
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-q", "inspect", "MODEL"], ["submit", "--help"]],
+                         ids=["help", "inspect", "submit-help"])
+def test_light_verbs_do_not_import_torch(tiny_models, argv):
+    """Only the verbs that merge or generate pay for ``import torch`` (about a second); the
+    parser adds bench's flags, whose modules import it, only for ``bench``."""
+    argv = [str(tiny_models[0]) if a == "MODEL" else a for a in argv]
+    code = ("import sys\nfrom distmerge.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules, file=sys.stderr)" % argv)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "False", proc.stderr
+    bench = subprocess.run([sys.executable, "-m", "distmerge.cli", "bench", "--help"],
+                           capture_output=True, text=True, timeout=120)
+    assert bench.returncode == 0 and "--compare" in bench.stdout and "--scale" in bench.stdout
