@@ -40,7 +40,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from distmerge.config import parse_size
 from distmerge.demo import Shape, default_cache
@@ -360,19 +360,33 @@ def time_command(method: str, folders: list[Path], scratch_dir: Path, out_name: 
     starting Ray is not in it."""
     import yaml
 
+    def command(tmp: Path) -> list[str]:
+        spec = tmp / "pipeline.yaml"
+        spec.write_text(yaml.safe_dump(pipeline_spec(method, folders, tmp / "merged", args)))
+        return [sys.executable, "-m", "distmerge.cli", "-q", "run", str(spec),
+                "--executor", args.executor, "--no-progress"]
+
+    env = {**os.environ, "RAY_ADDRESS": ray_address} if ray_address else None
+    timed = time_child(f"distmerge run {method} (whole command)", command, runs=args.runs,
+                       scratch=scratch_dir, prefix=f".{out_name}.command-{method}-", env=env)
+    if "error" not in timed:
+        timed["command"] = (f"python -m distmerge.cli -q run PIPELINE --executor {args.executor} "
+                            "--no-progress" + (" (RAY_ADDRESS: the bench's Ray)" if ray_address else ""))
+    return timed
+
+
+def time_child(label: str, command: Callable[[Path], list[str]], *, runs: int, scratch: Path,
+               prefix: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``command(tmp)`` (which writes its inputs into a fresh folder ``tmp``, removed after)
+    ``runs`` times under :func:`run_measured`: its wall seconds, the machine's CPU seconds and
+    its peak RSS, or ``{"error"}`` with the last line it printed when a run fails."""
     seconds: list[float] = []
     cpus: list[float | None] = []
     peaks: list[int] = []
-    env = dict(os.environ)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    for _ in range(args.runs):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.command-{method}-", dir=scratch_dir))
+    for _ in range(runs):
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=scratch))
         try:
-            spec = tmp / "pipeline.yaml"
-            spec.write_text(yaml.safe_dump(pipeline_spec(method, folders, tmp / "merged", args)))
-            cmd = [sys.executable, "-m", "distmerge.cli", "-q", "run", str(spec),
-                   "--executor", args.executor, "--no-progress"]
+            cmd = command(tmp)
             cpu0 = machine_cpu_seconds()
             proc, usage = run_measured(cmd, tmp / "usage.json", env=env)
             cpus.append(_cpu_since(cpu0))
@@ -380,15 +394,13 @@ def time_command(method: str, folders: list[Path], scratch_dir: Path, out_name: 
             shutil.rmtree(tmp, ignore_errors=True)
         if proc.returncode != 0 or usage["seconds"] is None:
             tail = (proc.stderr or proc.stdout).strip().splitlines()
-            return {"error": f"distmerge run exited {proc.returncode}: {tail[-1] if tail else 'no output'}"}
+            return {"error": f"{label} exited {proc.returncode}: {tail[-1] if tail else 'no output'}"}
         seconds.append(usage["seconds"])
         peaks.append(usage["peak_rss"])
-        log.info("bench: distmerge run %s (whole command): %.2f s", method, usage["seconds"])
+        log.info("bench: %s: %.2f s, peak RSS %.2f GB", label, usage["seconds"], usage["peak_rss"] / 1e9)
     return {"wall_seconds": _spread(seconds), "seconds": seconds,
             "machine_cpu_seconds": _spread(cpus) if None not in cpus else None,
-            "peak_rss_command": max(peaks),
-            "command": f"python -m distmerge.cli -q run PIPELINE --executor {args.executor} --no-progress"
-                       + (" (RAY_ADDRESS: the bench's Ray)" if ray_address else "")}
+            "peak_rss": max(peaks), "peak_rss_runs": peaks}
 
 
 # -- mergekit ----------------------------------------------------------------------------------
@@ -470,35 +482,20 @@ def time_mergekit(method: str, folders: list[Path], scratch_dir: Path, out_name:
     if config is None:
         return {"error": f"no mergekit equivalent of {method}"}
     params_per_shard = max(1, args.shard_size // 2)          # bf16: 2 bytes a parameter
-    seconds: list[float] = []
-    cpus: list[float | None] = []
-    peaks: list[int] = []
-    for _ in range(args.runs):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_name}.mergekit-{method}-", dir=scratch_dir))
-        try:
-            cfg = tmp / "mergekit.yaml"
-            cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-            cmd = [*_mergekit_command(), str(cfg), str(tmp / "merged"),
-                   "--out-shard-size", str(params_per_shard), "--no-cuda", "--no-copy-tokenizer"]
-            cpu0 = machine_cpu_seconds()
-            proc, usage = run_measured(cmd, tmp / "usage.json")
-            cpus.append(_cpu_since(cpu0))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if proc.returncode != 0 or usage["seconds"] is None:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()
-            return {"error": f"mergekit-yaml exited {proc.returncode}: "
-                             f"{tail[-1] if tail else 'no output'}", "config": config}
-        seconds.append(usage["seconds"])
-        peaks.append(usage["peak_rss"])
-        log.info("bench: mergekit %s: %.2f s, peak RSS %.2f GB", method, usage["seconds"],
-                 usage["peak_rss"] / 1e9)
-    return {"wall_seconds": _spread(seconds), "seconds": seconds, "config": config,
-            "machine_cpu_seconds": _spread(cpus) if None not in cpus else None,
-            "peak_rss": max(peaks), "peak_rss_runs": peaks,
-            "command": " ".join(_mergekit_command()) + " CONFIG OUT --out-shard-size "
-                       f"{params_per_shard} --no-cuda --no-copy-tokenizer",
-            "note": mergekit_note(method)}
+    flags = ["--out-shard-size", str(params_per_shard), "--no-cuda", "--no-copy-tokenizer"]
+
+    def command(tmp: Path) -> list[str]:
+        cfg = tmp / "mergekit.yaml"
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+        return [*_mergekit_command(), str(cfg), str(tmp / "merged"), *flags]
+
+    timed = time_child(f"mergekit {method}", command, runs=args.runs, scratch=scratch_dir,
+                       prefix=f".{out_name}.mergekit-{method}-")
+    timed["config"] = config
+    if "error" not in timed:
+        timed["command"] = " ".join([*_mergekit_command(), "CONFIG", "OUT", *flags])
+        timed["note"] = mergekit_note(method)
+    return timed
 
 
 # -- the whole bench ---------------------------------------------------------------------------
@@ -668,6 +665,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"mergekit: not installed; skipped (install it with `{cmp_['install']}` "
                          "and rerun with --compare mergekit)")
         else:
+            timed = {m: wc for m, wc in commands.items() if "error" not in wc}
             ours = {r["method"]: r["wall_seconds"]["median"] for r in results["methods"]}
             ours_cpu = {r["method"]: r.get("machine_cpu_seconds") for r in results["methods"]}
             ours_peak = {r["method"]: r.get("total_peak_rss") for r in results["methods"]}
@@ -677,7 +675,7 @@ def render(results: dict[str, Any]) -> str:
                     continue
                 w = mk["wall_seconds"]
                 note = f"; {mk['note']}" if mk.get("note") else ""
-                wc = commands.get(m) if "error" not in commands.get(m, {"error": 1}) else None
+                wc = timed.get(m)
                 whole = (f"{w['median'] / wc['wall_seconds']['median']:.2f}x distmerge's whole command "
                          "(both with their start-up), " if wc else "")
                 lines.append(f"mergekit {m}: {w['median']:.2f} s [{w['min']:.2f}..{w['max']:.2f}] "

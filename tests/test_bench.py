@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
+import time
 
 import pytest
 
@@ -103,6 +105,11 @@ def test_machine_cpu_seconds_counts_at_least_this_process():
         x += 1
     machine, mine = bench.machine_cpu_seconds() - machine0, own() - own0
     assert machine >= mine - 0.05                    # /proc/stat counts in ticks of 10 ms
+
+    cores, asleep = os.cpu_count() or 1, 0.5          # idle time is not counted: nearly all of
+    machine0 = bench.machine_cpu_seconds()            # the machine idles while this sleeps
+    time.sleep(asleep)
+    assert bench.machine_cpu_seconds() - machine0 < 0.75 * asleep * cores
 
 
 def test_render_compares_machine_cpu_with_mergekit():

@@ -121,3 +121,17 @@ def test_workers_the_cluster_cannot_place_are_reported_while_the_run_waits(ray_s
     assert not waiting.is_alive() and failed, "stopping should end the wait with an error"
     assert "1 of 1 workers not started after" in caplog.text
     assert "each asks for 1 CPU, 1 GPU; free on the cluster: " in caplog.text and " CPU" in caplog.text
+
+
+def test_the_actors_start_before_the_driver_plans(ray_session, tmp_path, tiny_models, monkeypatch):
+    """The workers' start (process, imports) overlaps planning: by the time the driver plans,
+    every actor has been created, and each gets the job afterwards."""
+    from distmerge.engine import driver
+
+    pipe = make_pipeline(tmp_path, tiny_models, method={"name": "task_arithmetic"})
+    ex = _ray_executor(pipe)
+    seen: list[int] = []
+    plan_for = driver.plan_for
+    monkeypatch.setattr(driver, "plan_for", lambda *a, **k: (seen.append(len(ex.actors)), plan_for(*a, **k))[1])
+    summary = run_pipeline(load_pipeline(pipe), executor=ex, show_progress=False)
+    assert seen == [2] and summary.slices > 0

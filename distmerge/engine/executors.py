@@ -146,14 +146,19 @@ class RayExecutor:
         self.actors: list[Any] = []
         self._job_ref = None
 
+    def _asks(self) -> dict[str, float]:
+        """The Ray resources one actor reserves."""
+        return {"CPU": 1, "GPU": self.gpus, "memory": self.memory}
+
     def _new_actor(self, i: int, job_ref: Any = None):
         """Actor ``i``: given the job when ``job_ref`` is set (a replacement), else waiting for
         it (``SliceActor.setup``)."""
+        asks = self._asks()
         # max_concurrency = in_flight: while one slice computes, the next one reads
-        opts: dict[str, Any] = {"num_cpus": 1, "num_gpus": self.gpus, "max_restarts": 0,
+        opts: dict[str, Any] = {"num_cpus": asks["CPU"], "num_gpus": asks["GPU"], "max_restarts": 0,
                                 "max_concurrency": self.in_flight}
-        if self.memory:
-            opts["memory"] = self.memory
+        if asks["memory"]:
+            opts["memory"] = asks["memory"]
         return _actor_class().options(**opts).remote(f"worker{i}", job_ref)
 
     def launch(self) -> None:
@@ -184,12 +189,8 @@ class RayExecutor:
                 log.warning("%d of %d workers not started after %g s; each asks for %s; free on "
                             "the cluster: %s (of %s in total). Still waiting (an autoscaler may "
                             "add nodes); stop the run if it cannot.", len(pending), len(refs),
-                            waited, self._asks(), _resources(ray.available_resources()),
+                            waited, _resources(self._asks()), _resources(ray.available_resources()),
                             _resources(ray.cluster_resources()))
-
-    def _asks(self) -> str:
-        asks = {"CPU": 1.0, "GPU": float(self.gpus), "memory": float(self.memory)}
-        return _resources({k: v for k, v in asks.items() if v})
 
     def run(self, tasks: list[Task], ctx: dict[str, Any], on_report: OnReport,
             on_retry: OnRetry | None = None) -> Counts:
