@@ -4,6 +4,7 @@ become one-line messages and exit codes in :func:`main` (a traceback only with `
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import sys
@@ -276,5 +277,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then exit without the interpreter's last garbage
+    collections. Once torch is imported they walk its hundreds of thousands of objects for
+    about 0.25 s (a merging verb: 2.66 s -> 2.3 s here) and free nothing the OS would not.
+    Freezing only stops the collector: atexit handlers, ``weakref.finalize`` and
+    reference-counted cleanup all still run, and every verb has closed and published its
+    files before it returns. Tests call :func:`main`, so their process is not frozen."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

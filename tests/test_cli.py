@@ -3,10 +3,12 @@ every pipeline under pipelines/, the verbs' output, and the frozen flag set."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,22 @@ def test_light_verbs_do_not_import_torch(tiny_models, argv):
     bench = subprocess.run([sys.executable, "-m", "distmerge.cli", "bench", "--help"],
                            capture_output=True, text=True, timeout=120)
     assert bench.returncode == 0 and "--compare" in bench.stdout and "--scale" in bench.stdout
+
+
+def test_console_script_exits_without_the_last_collections(tiny_models):
+    """The installed ``distmerge`` and ``python -m distmerge.cli`` both go through ``entry``,
+    which freezes the collector once the verb has returned (its exit code kept); ``main``, which
+    tests call in-process, does not."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["distmerge"] == "distmerge.cli:entry"
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0, file=sys.stderr))\n"
+            "sys.argv = ['distmerge', '-q', 'inspect', sys.argv[1]]\n"
+            "from distmerge.cli import entry\nentry()\n")
+    ok = subprocess.run([sys.executable, "-c", code, str(tiny_models[0])],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stderr.strip().splitlines()[-1] == "frozen True", ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "distmerge.cli", "inspect", str(tiny_models[0] / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "distmerge: error:" in bad.stderr
+    assert gc.get_freeze_count() == 0
