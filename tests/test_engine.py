@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -153,6 +154,45 @@ def test_verification_refuses_a_staged_shard_that_differs_from_the_plan(tmp_path
     open(path, "wb").write(bytes(data) + b"\0")
     with pytest.raises(MergeFailedError, match="bytes, planned"):
         out.check_shards(plan)
+    out.abort()
+
+
+def test_verification_reads_every_slice_back_whatever_the_threads(tmp_path):
+    """The gather stage's slice check: one shard of many slices, read back on several threads,
+    matches the crc32 of what was written; one changed byte names its own slice, with any
+    number of threads, and the same slices are the bad ones for a resume's check."""
+    import zlib
+
+    from distmerge.checkpoint.writer import StagedOutput
+    from distmerge.errors import MergeFailedError
+    from distmerge.plan import make_plan
+
+    plan = make_plan([("a", "F32", (64, 32)), ("b", "F32", (40, 16))], out_dtype=None,
+                     shard_size=10**6, slice_elements=256)
+    assert len(plan.shards) == 1 and len(plan.slices) >= 8
+    out = StagedOutput(str(tmp_path / "out"))
+    out.create(plan)
+    path = out.shard_path(plan.shards[0].filename)
+    rng = np.random.default_rng(0)
+    checksums = {}
+    with open(path, "r+b") as f:
+        for sl in plan.slices:
+            data = rng.integers(0, 256, sl.nbytes, dtype=np.uint8).tobytes()
+            f.seek(sl.start)
+            f.write(data)
+            checksums[sl.index] = zlib.crc32(data)
+    out.verify(plan, checksums)
+    victim = plan.slices[5]
+    with open(path, "r+b") as f:
+        f.seek(victim.start + 3)
+        b = f.read(1)
+        f.seek(victim.start + 3)
+        f.write(bytes([b[0] ^ 0x20]))
+    with pytest.raises(MergeFailedError, match=f"slice {victim.index} of"):
+        out.verify(plan, checksums)
+    for threads in (1, 3, 16):
+        good, bad = out.check_slices(plan, checksums, threads=threads)
+        assert bad == [victim.index] and sorted(good) == sorted(set(checksums) - {victim.index})
     out.abort()
 
 

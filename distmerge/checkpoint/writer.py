@@ -78,6 +78,7 @@ MANIFEST_FILE = "manifest.jsonl"
 STATS_FILE = "stats.json"
 STATE_FILES = (STATS_FILE, MANIFEST_FILE, PLAN_FILE)     # removed in this order before publishing
 MAX_STATE_BYTES = 1 << 30
+READ_BACK_THREADS = 8           # threads that read written slices back to check their crc32
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -270,27 +271,40 @@ class StagedOutput:
         return out
 
     def check_slices(self, plan: Plan, checksums: dict[int, int], *,
-                     threads: int = 8) -> tuple[dict[int, int], list[int]]:
+                     threads: int = READ_BACK_THREADS) -> tuple[dict[int, int], list[int]]:
         """Read back each slice of ``checksums`` and compare its crc32. Returns (the slices
         whose bytes match, the indices of those that do not)."""
-        by_shard: dict[int, list[Slice]] = {}
-        for i in sorted(checksums):
-            by_shard.setdefault(plan.slices[i].shard, []).append(plan.slices[i])
+        crcs = self.read_back(plan, [plan.slices[i] for i in sorted(checksums)], threads=threads)
+        good = {i: checksums[i] for i in sorted(checksums) if crcs[i] == checksums[i]}
+        return good, [i for i in sorted(checksums) if i not in good]
 
-        def one(si: int) -> list[tuple[int, bool]]:
-            path = self.shard_path(plan.shards[si].filename)
-            return [(s.index, crc == checksums[s.index]) for s, crc in _slice_crcs(path, by_shard[si])]
+    def read_back(self, plan: Plan, slices: list[Slice], *,
+                  threads: int = READ_BACK_THREADS) -> dict[int, int]:
+        """slice index -> crc32 of the slice's bytes as they are now in its shard (-1 where the
+        shard ends before the slice does). Slices are read on ``threads`` threads, whatever
+        shard they are in: one shard's read-back is not serial (pread and crc32 release the
+        GIL; measured on the bench shape's single 337 MB shard, 0.07 s serial)."""
+        fds: dict[int, int] = {}
+        try:
+            for sl in slices:
+                if sl.shard not in fds:
+                    fds[sl.shard] = os.open(self.shard_path(plan.shards[sl.shard].filename), os.O_RDONLY)
 
-        good: dict[int, int] = {}
-        bad: list[int] = []
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(by_shard)))) as pool:
-            for results in pool.map(one, sorted(by_shard)):
-                for i, ok in results:
-                    if ok:
-                        good[i] = checksums[i]
-                    else:
-                        bad.append(i)
-        return good, sorted(bad)
+            def one(sl: Slice) -> int:
+                crc, at = 0, sl.start
+                while at < sl.stop:
+                    chunk = os.pread(fds[sl.shard], min(sl.stop - at, 16 << 20), at)
+                    if not chunk:
+                        return -1
+                    crc = zlib.crc32(chunk, crc)
+                    at += len(chunk)
+                return crc
+
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(slices)))) as pool:
+                return {sl.index: crc for sl, crc in zip(slices, pool.map(one, slices))}
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     # -- statistics state -----------------------------------------------------------------------
     def save_stats(self, next_round: int, ctx: dict[str, Any]) -> bool:
@@ -368,17 +382,13 @@ class StagedOutput:
         if missing:
             raise MergeFailedError(f"verification failed: {len(missing)} slices never reported (first {missing[:5]})")
         self.check_shards(plan)
-        by_shard: dict[int, list] = {}
+        crcs = self.read_back(plan, plan.slices)
         for s in plan.slices:
-            by_shard.setdefault(s.shard, []).append(s)
-        for si, shard in enumerate(plan.shards):
-            path = self.shard_path(shard.filename)
-            for s, crc in _slice_crcs(path, by_shard.get(si, [])):
-                if crc != checksums[s.index]:
-                    raise MergeFailedError(
-                        f"verification failed: slice {s.index} of {shard.filename} "
-                        f"(bytes {s.start}..{s.stop}) differs from what its worker wrote"
-                    )
+            if crcs[s.index] != checksums[s.index]:
+                raise MergeFailedError(
+                    f"verification failed: slice {s.index} of {plan.shards[s.shard].filename} "
+                    f"(bytes {s.start}..{s.stop}) differs from what its worker wrote"
+                )
 
     def publish(self, *, overwrite: bool) -> None:
         """Move the staging folder into place; an existing destination (with ``overwrite``) is
@@ -530,21 +540,6 @@ _IDENTITY_LABELS = {
 
 
 # -- small file helpers ----------------------------------------------------------------------------
-
-def _slice_crcs(path: str, slices: list[Slice]):
-    """(slice, crc32 of its bytes in ``path``) for each slice, reading in offset order."""
-    with open(path, "rb") as f:
-        for s in sorted(slices, key=lambda s: s.start):
-            f.seek(s.start)
-            crc, left = 0, s.nbytes
-            while left > 0:
-                chunk = f.read(min(left, 16 << 20))
-                if not chunk:
-                    break
-                crc = zlib.crc32(chunk, crc)
-                left -= len(chunk)
-            yield s, crc if left == 0 else -1
-
 
 def _fsync_file(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
