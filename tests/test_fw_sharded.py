@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,41 @@ def test_nccl_ranks_need_a_gpu_each_and_leave_nothing_behind(ray_session, tmp_pa
         ShardedGradientStage(v.methods.default, base=v.base, experts=v.experts,
                              folder=str(tmp_path / "g"), workers=gpus + 1, gpus_per_worker=1)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.ray
+def test_a_failed_run_ends_the_sharded_ranks(ray_session, tmp_path, monkeypatch):
+    """The ranks hold a GPU each: a run that fails after they started ends them too, instead of
+    leaving them for as long as the driver's process lives (a notebook, a service)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    from distmerge.select.pool import Selection
+
+    ranks: list = []
+    init = ShardedGradientStage.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        ranks.extend(self.actors)
+
+    def fail(self, *a, **k):
+        raise RuntimeError("injected after the first pass")
+
+    monkeypatch.setattr(ShardedGradientStage, "__init__", remember)
+    monkeypatch.setattr(Selection, "pass_done", fail)
+    spec = _data_spec(_mlp_data(tmp_path))
+    spec["objective"]["gradient"] = "sharded"
+    pipe = make_pipeline(tmp_path, _mlp_pool(tmp_path / "m"), method=spec,
+                         output={"path": str(tmp_path / "out")},
+                         resources={"slice_size": "64B", "workers": 2})
+    with pytest.raises(RuntimeError, match="injected"):
+        run_pipeline(load_pipeline(pipe), executor=RayExecutor(workers=2), show_progress=False)
+    assert len(ranks) == 2
+    for rank in ranks:                # ray.kill is asynchronous: a call may still be answered
+        deadline = time.monotonic() + 60
+        with pytest.raises(RayActorError):
+            while time.monotonic() < deadline:
+                ray.get(rank.address.remote(), timeout=60)
+                time.sleep(0.2)
+    assert not (tmp_path / "out").exists()

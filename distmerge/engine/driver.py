@@ -322,6 +322,8 @@ class Run:
             raise
         finally:
             self.events.finish()          # succeeded (a no-op after a failure)
+            if self.selection is not None:
+                self.selection.close()    # the sharded gradient stage's ranks, after a failure too
             self.executor.shutdown()
         assert self.plan is not None and self.validated is not None
         return Summary(

@@ -448,5 +448,10 @@ class GradientStage(ThetaAndLoss):
         f, _ = self.loss_and_grad(theta, grad=False)
         return f
 
+    def close(self) -> None:
+        """Release what the stage runs on (nothing here: it runs in the driver); its files
+        stay, for :meth:`remove` or a resumed run."""
+
     def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -304,6 +304,12 @@ class Selection:
             out["scoring"] = self.scoring.as_dict()
         return out
 
+    def close(self) -> None:
+        """At the end of the run, whether it succeeded or failed: stop what the gradient stage
+        runs on (the sharded stage's ranks). Its checkpoint stays in the staging folder."""
+        if self.stage is not None:
+            self.stage.close()
+
     def finish(self, staging: str, ctx: dict[str, Any]) -> None:
         """Before the output is verified and published: write the trace into it and remove
         the gradient checkpoint."""

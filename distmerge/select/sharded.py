@@ -373,7 +373,9 @@ class ShardedGradientStage(GradientStage):
     def objective(self, ctx: dict[str, Any]) -> float:
         return self._step(ctx, False)
 
-    def remove(self) -> None:
+    def close(self) -> None:
+        """Stop the ranks (their process group first) and end their actors, which hold a GPU
+        each and would otherwise live as long as the driver's process."""
         import ray
 
         for a in getattr(self, "actors", []):
@@ -381,9 +383,11 @@ class ShardedGradientStage(GradientStage):
                 ray.get(a.stop.remote(), timeout=30)
             except Exception:  # noqa: BLE001 - a dead rank: kill it anyway
                 pass
-            ray.kill(a)
+            try:
+                ray.kill(a)
+            except Exception as err:  # noqa: BLE001 - never hide the run's own error
+                log.warning("could not end a gradient rank: %s", err)
         self.actors = []
-        super().remove()
 
 
 def make_stage(method: Any, *, base: ModelHeaders, experts: list[ModelHeaders], folder: str,
