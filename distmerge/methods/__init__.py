@@ -119,16 +119,9 @@ class MethodSet:
                tensors: list[str]) -> dict[str, Any]:
         """Hand each statistics group's totals (keys ``"<group>/<kind>"``) to the method that
         owns the group, in a fixed order; returns the context for the next round."""
-        owners: dict[str, Method] = {}
-        for name in tensors:
-            m = self.for_tensor(name)
-            if round < m.rounds:
-                owners[m.group(name)] = m
-        by_group: dict[str, dict[str, Any]] = {}
-        for key, value in totals.items():
-            by_group.setdefault(key.rsplit("/", 1)[0], {})[key] = value
-        for group in sorted(by_group):
-            ctx = owners[group].reduce(round, by_group[group], ctx)
+        owners = self._owners(tensors, round)
+        for group, part in _by_group(totals):
+            ctx = owners[group].reduce(round, part, ctx)
         return ctx
 
     def settle(self, totals: dict[str, Any], ctx: dict[str, Any],
@@ -137,17 +130,31 @@ class MethodSet:
         to the method that owns the group, to settle what its context speculated
         (:meth:`Method.settle`); returns the context and every statistics key that marks a
         slice merged with a wrong speculation (see :func:`merged_with_stale`)."""
-        owners = {self.for_tensor(name).group(name): self.for_tensor(name) for name in tensors}
-        by_group: dict[str, dict[str, Any]] = {}
-        for key, value in totals.items():
-            by_group.setdefault(key.rsplit("/", 1)[0], {})[key] = value
+        owners = self._owners(tensors)
         stale: set[str] = set()
-        for group in sorted(by_group):
+        for group, part in _by_group(totals):
             if group in owners:
-                ctx, keys = owners[group].settle(by_group[group], ctx)
+                ctx, keys = owners[group].settle(part, ctx)
                 stale |= keys
         return ctx, stale
 
+    def _owners(self, tensors: list[str], round: int | None = None) -> dict[str, Method]:
+        """group -> the method that owns it (with ``round``: only methods with statistics in
+        that round)."""
+        owners: dict[str, Method] = {}
+        for name in tensors:
+            m = self.for_tensor(name)
+            if round is None or round < m.rounds:
+                owners[m.group(name)] = m
+        return owners
+
+
+def _by_group(totals: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``totals`` (keys ``"<group>/<kind>"``) split by group, in sorted group order."""
+    by_group: dict[str, dict[str, Any]] = {}
+    for key, value in totals.items():
+        by_group.setdefault(key.rsplit("/", 1)[0], {})[key] = value
+    return sorted(by_group.items())
 
 def merged_with_stale(stats: dict[str, Any], stale: set[str]) -> bool:
     """Whether a slice (or block) whose merge pass returned ``stats`` (exact counts: ints or

@@ -30,8 +30,8 @@ of 3. A ties used by another method that calls its ``merge`` inside a statistics
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 

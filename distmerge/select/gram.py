@@ -16,6 +16,7 @@ import torch
 
 from distmerge.reduce import exact_sums, exact_value, row_sums
 
+
 def pairs(m: int) -> list[tuple[int, int]]:
     """The upper triangle (i ≤ j) of an m × m Gram matrix, row by row."""
     return [(i, j) for i in range(m) for j in range(i, m)]

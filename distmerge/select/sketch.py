@@ -255,9 +255,10 @@ def choose_scoring(requested: str, *, applicable: str | None, ratio: int, shapes
     not resident (models behind URLs that exceed the workers' resident budget; local files are
     left to the page cache and count as cheap) and the sketch fits the budget; else exact.
     ``applicable``: None when sketching can serve this run, else why not (then always exact)."""
-    qs = [buckets(rows_cols(s)[1], ratio) for s in shapes if rows_cols(s)[0]] or [1]
+    rcs = [rows_cols(s) for s in shapes]
+    qs = [buckets(c, ratio) for r, c in rcs if r] or [1]
     rel = (math.sqrt(2 / max(qs)), math.sqrt(2 / min(qs)))
-    features = [buckets(rows_cols(s)[1], ratio) * rows_cols(s)[0] for s in shapes if rows_cols(s)[0]] or [1]
+    features = [buckets(c, ratio) * r for r, c in rcs if r] or [1]
     whole = (math.sqrt(2 / max(features)), math.sqrt(2 / min(features)))
     kept = sketch_bytes_for(shapes, n, ratio)
     reread = max(0, remote_bytes - resident_budget)
